@@ -1,0 +1,72 @@
+"""Position encodings shared by the Falcon layouts: rotary (RoPE, NeoX half-rotation) and alibi."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Rotary:
+    """cos/sin tables for rotary embeddings, computed lazily per device and grown on demand.
+
+    Kept out of the module's buffers so that a model built on the meta device loads with a strict
+    `load_state_dict` and the tables are made where the weights land.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim = head_dim
+        self.theta = theta
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]  # [n, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [n, d]
+        return emb.cos(), emb.sin()
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, head_dim] (broadcast over heads)."""
+        key = (positions.device, dtype)
+        needed = int(positions.max()) + 1
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            cos, sin = self._build(max(needed, 2048), positions.device)
+            table = (cos.to(dtype), sin.to(dtype))
+            self._tables[key] = table
+        cos, sin = table
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The per-head alibi slopes (geometric sequence; interleaved extras when heads is not a power of two)."""
+    # Computed in float32 torch arithmetic, as in the original Falcon code, so the bf16-rounded bias is identical.
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, key_len: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [1, H, 1, S] for keys at absolute positions 0..S-1.
+
+    Falcon-RW was trained with the bias computed in bfloat16 (slope and product rounded to bf16), and
+    transformers keeps that; we do the same so that logits match. The bias is scaled like q.k by 1/sqrt(d).
+    """
+    pos = torch.arange(key_len, device=slopes.device)
+    bias = (slopes.to(torch.bfloat16)[:, None] * pos[None, :]).to(torch.float32) / math.sqrt(head_dim)
+    return bias[None, :, None, :].to(dtype)
