@@ -153,6 +153,7 @@ class FalconMambaConfig:
             "mixer_rms_eps": self.mixer_rms_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
+            "residual_in_fp32": True,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
@@ -232,8 +233,7 @@ def _falcon_from_hf(raw: dict[str, Any]) -> FalconConfig:
         kv_heads = k.int_("num_kv_heads", "n_head_kv", default=heads)
         if heads % kv_heads:
             raise ConfigError(f"config.json: num_kv_heads={kv_heads} does not divide num_attention_heads={heads}")
-        if not parallel:
-            raise ConfigError("config.json: parallel_attn=false with new_decoder_architecture=true is not supported")
+        parallel = True  # the new decoder is always parallel; its parallel_attn key is ignored (as documented)
         num_ln = k.get("num_ln_in_parallel_attn", default=2)
         if num_ln not in (1, 2):
             raise ConfigError(f"config.json: num_ln_in_parallel_attn={num_ln!r} must be 1 or 2")
@@ -285,6 +285,8 @@ def _mamba_from_hf(raw: dict[str, Any]) -> FalconMambaConfig:
         rank = math.ceil(hidden / 16)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"config.json: time_step_rank={rank!r} must be 'auto' or a positive integer")
+    if not k.bool_("residual_in_fp32", default=True):
+        raise ConfigError("config.json: residual_in_fp32=false is not supported (Falcon-Mamba keeps it in fp32)")
     act = k.get("hidden_act", default="silu")
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act={act!r} is not supported (Falcon-Mamba uses 'silu')")

@@ -8,7 +8,9 @@ from torch import nn
 from ..config import FalconConfig, FalconMambaConfig, ModelConfig
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+def build_model(
+    config: ModelConfig, device: torch.device | str = "meta", dtype: torch.dtype | None = None
+) -> nn.Module:
     """Construct the model for `config`; on the meta device (the default) no memory is allocated, so the weights
     can be streamed in with `load_state_dict(assign=True)`."""
     if isinstance(config, FalconConfig):

@@ -7,6 +7,8 @@ dropped or reordered with `select`, so finished sequences leave a batch at once.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -73,7 +75,7 @@ class KVCache:
         return k[:, :, :end], v[:, :, :end]
 
     def advance(self, counts: list[int]) -> None:
-        self.lengths_list = [n + c for n, c in zip(self.lengths_list, counts)]
+        self.lengths_list = [n + c for n, c in zip(self.lengths_list, counts, strict=True)]
         self.lengths = torch.tensor(self.lengths_list, dtype=torch.long, device=self.lengths.device)
 
     def select(self, rows: list[int]) -> None:
@@ -117,11 +119,16 @@ class MambaCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
 
+    @property
+    def capacity(self) -> int:
+        """Unbounded: the state has the same size whatever the sequence length."""
+        return sys.maxsize
+
     def ensure_capacity(self, needed: int) -> None:
         """A state-space cache never grows."""
 
     def advance(self, counts: list[int]) -> None:
-        self.lengths_list = [n + c for n, c in zip(self.lengths_list, counts)]
+        self.lengths_list = [n + c for n, c in zip(self.lengths_list, counts, strict=True)]
         self.lengths = torch.tensor(self.lengths_list, dtype=torch.long, device=self.lengths.device)
 
     def select(self, rows: list[int]) -> None:

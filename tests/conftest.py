@@ -1,0 +1,44 @@
+"""Shared test helpers: tiny random models built with transformers (the numerical reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Each Falcon layout on the hub, at toy size. Keys are in-library `falcon` config keys.
+FALCON_LAYOUTS = {
+    "7b-multi-query": dict(multi_query=True, parallel_attn=True, num_attention_heads=4),
+    "40b-grouped": dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=2),
+    "40b-grouped-kv1": dict(new_decoder_architecture=True, num_attention_heads=4, num_kv_heads=1),
+    "11b-one-norm": dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=2,
+                         num_ln_in_parallel_attn=1, rope_theta=500042.0),
+    "rw-alibi": dict(alibi=True, multi_query=False, parallel_attn=False, bias=True, num_attention_heads=6),
+    "7b-untied": dict(multi_query=True, num_attention_heads=4, tie_word_embeddings=False),
+}
+
+
+def falcon_config_dict(layout: str, vocab_size: int = 131, hidden_size: int = 48, layers: int = 2) -> dict:
+    return dict(model_type="falcon", vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                bos_token_id=1, eos_token_id=2, **FALCON_LAYOUTS[layout])
+
+
+def hf_falcon(layout: str, seed: int = 0, **kw):
+    """A random transformers Falcon for `layout`, in eval mode, fp32."""
+    transformers = pytest.importorskip("transformers")
+    raw = falcon_config_dict(layout, **kw)
+    theta = raw.pop("rope_theta", None)
+    config = transformers.FalconConfig(**raw)
+    if theta is not None:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    torch.manual_seed(seed)
+    model = transformers.FalconForCausalLM(config).eval()
+    # Random init gives near-uniform logits; scale the weights up so argmax is decisive and layouts differ.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model, raw if theta is None else {**raw, "rope_theta": theta}
