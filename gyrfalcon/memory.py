@@ -1,8 +1,8 @@
 """Process memory readings for the load and generation benchmarks.
 
 Peak resident memory is what decides whether a model fits on a host, and it is what the kernel's OOM killer
-acts on, so that is what we measure: `ru_maxrss` (the high-water mark of the resident set, file-backed pages
-included), not Python-level allocation counters that miss torch's and mmap's memory.
+acts on, so that is what we measure: the high-water mark of the resident set (VmHWM / ru_maxrss, file-backed
+pages included), not Python-level allocation counters that miss torch's and mmap's memory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,20 @@ import psutil
 
 
 def peak_rss_bytes() -> int:
-    """The peak resident set size of this process so far, in bytes (since start or the last `reset_peak_rss`)."""
+    """The peak resident set size of this process so far, in bytes (since start or the last `reset_peak_rss`).
+
+    On Linux this is VmHWM from /proc/self/status, the high-water mark of this process's own address space.
+    `ru_maxrss` is the same number except in one case that matters for benchmarks: in a child started by
+    fork+exec it never drops below the *parent's* RSS at the fork (the kernel carries the pre-exec image's peak
+    over), so a subprocess measurement launched from a big parent would be meaningless. Elsewhere: ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024

@@ -114,7 +114,7 @@ class Tokenizer:
         self._bos_id = self._resolve(bos_token, bos_token_id, "bos")
         self._pad_id = self._resolve(pad_token, pad_token_id, "pad")
         self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
-        self._compiled_template: Any = None
+        self._compiled_template: tuple[str, Any] | None = None
 
     def _resolve(self, token: str | None, token_id: int | None, what: str) -> int | None:
         """A named token wins (that is what transformers does); a bare id from config.json is the fallback."""
@@ -314,9 +314,10 @@ class Tokenizer:
     def _render_jinja(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         import jinja2  # lazy: only checkpoints that ship a template need it
 
-        if self._compiled_template is None:
+        # Cached with its source, so that assigning a new `chat_template` takes effect.
+        if self._compiled_template is None or self._compiled_template[0] != self.chat_template:
             try:
-                self._compiled_template = _jinja_environment().from_string(self.chat_template)
+                self._compiled_template = (self.chat_template, _jinja_environment().from_string(self.chat_template))
             except jinja2.TemplateError as e:
                 raise ChatTemplateError(f"chat_template{self._where()} does not compile: {e}") from e
         context: dict[str, Any] = {
@@ -330,7 +331,7 @@ class Tokenizer:
             if tid is not None:
                 context[name] = self._tok.id_to_token(tid)
         try:
-            return self._compiled_template.render(**context)
+            return self._compiled_template[1].render(**context)
         except jinja2.TemplateError as e:  # raise_exception(), SecurityError, undefined calls ...
             raise ChatTemplateError(f"chat_template{self._where()} failed: {e}") from e
 

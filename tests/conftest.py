@@ -42,3 +42,27 @@ def hf_falcon(layout: str, seed: int = 0, **kw):
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     return model, raw if theta is None else {**raw, "rope_theta": theta}
+
+
+@pytest.fixture(scope="session")
+def falcon_dir(tmp_path_factory):
+    """A random multi-query Falcon with the real Falcon tokenizer, saved as an HF model dir."""
+    import shutil
+
+    tok_dir = SHARED_DATA / "falcon_tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip("../shared/data/falcon_tokenizer not present")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.FalconConfig(vocab_size=65024, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       multi_query=True, bos_token_id=11, eos_token_id=11)
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("falcon-random")
+    model.save_pretrained(out)
+    for f in tok_dir.glob("*.json"):
+        shutil.copy(f, out)
+    return out
