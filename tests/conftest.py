@@ -38,7 +38,7 @@ def hf_falcon(layout: str, seed: int = 0, **kw):
     model = transformers.FalconForCausalLM(config).eval()
     # Random init gives near-uniform logits; scale the weights up so argmax is decisive and layouts differ.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     return model, raw if theta is None else {**raw, "rope_theta": theta}

@@ -61,7 +61,8 @@ def test_batch_and_num_return_sequences(llm):
 
 def test_token_id_prompts_and_logits(llm):
     ids = llm.tokenizer.encode("Hello world")
-    assert llm.generate(ids, max_new_tokens=4)[0].token_ids == llm.generate("Hello world", max_new_tokens=4)[0].token_ids
+    by_text = llm.generate("Hello world", max_new_tokens=4)[0].token_ids
+    assert llm.generate(ids, max_new_tokens=4)[0].token_ids == by_text
     logits = llm.logits(ids)
     assert logits.shape == (len(ids), 65024) and logits.dtype == torch.float32
     nxt = llm.generate(ids, max_new_tokens=1, ignore_eos=True)[0].token_ids[0]
@@ -103,3 +104,33 @@ def test_top_k_one_is_greedy(llm):
     g = llm.generate("Hello", max_new_tokens=8, ignore_eos=True)[0].token_ids
     s = llm.generate("Hello", max_new_tokens=8, ignore_eos=True, temperature=1.5, top_k=1, seed=5)[0].token_ids
     assert g == s
+
+
+def test_falcon_mamba_loads_and_generates_like_transformers(tmp_path):
+    import shutil
+
+    from .conftest import SHARED_DATA
+
+    transformers = pytest.importorskip("transformers")
+    tok = SHARED_DATA / "falcon_tokenizer"
+    if not tok.is_dir():
+        pytest.skip("shared tokenizer absent")
+    config = transformers.FalconMambaConfig(vocab_size=65024, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                            eos_token_id=11, bos_token_id=11, pad_token_id=11)
+    torch.manual_seed(0)
+    hf = transformers.FalconMambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    for f in tok.glob("*.json"):
+        shutil.copy(f, tmp_path)
+    llm = gyrfalcon.load(tmp_path)
+    assert llm.config.model_type == "falcon_mamba"
+    ids = llm.tokenizer.encode("The state space")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(ids):].tolist()
+        ref_logits = hf(torch.tensor([ids])).logits[0]
+    assert llm.generate(ids, max_new_tokens=16, ignore_eos=True)[0].token_ids == ref
+    assert (llm.logits(ids) - ref_logits).abs().max().item() < 1e-4

@@ -323,6 +323,17 @@ def test_hub_id_resolves_from_offline_cache(single, tmp_path, monkeypatch):
         resolve_model_dir("org/other")
 
 
+def test_hub_bin_only_snapshot(saved, tmp_path, monkeypatch):
+    _, root = saved
+    cache = tmp_path / "hub-cache"
+    snapshot = _fake_cache(cache, "org/legacy", root / "bin_sharded")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_model_dir("org/legacy")
+    assert resolved.resolve() == snapshot.resolve() and find_checkpoint(resolved).format == "bin"
+    _load(resolved)
+
+
 def test_hf_home_is_honoured(single, tmp_path, monkeypatch):
     snapshot = _fake_cache(tmp_path / "home" / "hub", "org/name", single)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
@@ -389,6 +400,15 @@ def test_save_weights_sharded_then_single(tmp_path):
     save_weights(model, tmp_path)  # back to one file: the old shards and index must not linger
     assert not list(tmp_path.glob("model-*")) and not (tmp_path / "model.safetensors.index.json").exists()
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_save_over_the_checkpoint_a_model_is_mapped_from(single):
+    model = _load(single)  # zero-copy: parameters are views of model.safetensors
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_weights(model, single)  # replaced by rename: the mapped old file stays intact underneath
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    again = _load(single)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in before.items())
 
 
 def test_save_weights_shared_tensors_in_a_dict(tmp_path):

@@ -93,14 +93,20 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
 
     offline = _env_offline()
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
-    try:
+
+    def fetch(patterns: list[str]) -> Path:
         folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=_env_cache_dir(),
-            allow_patterns=ALLOW_PATTERNS,
-            local_files_only=offline,
+            repo_id, revision=revision, cache_dir=_env_cache_dir(), allow_patterns=patterns, local_files_only=offline
         )
+        return Path(folder)
+
+    try:
+        # Many repos (falcon-7b/40b among them) carry the weights twice, as safetensors and as pickled .bin shards.
+        # Fetch without the .bin files first, and only when no safetensors weights came down ask for them, so a
+        # download is never twice the model. Offline both calls just return the cached snapshot.
+        path = fetch([p for p in ALLOW_PATTERNS if not p.endswith(".bin") and not p.endswith(".bin.index.json")])
+        if not any(path.glob("*.safetensors")):
+            path = fetch(ALLOW_PATTERNS)
     except HFValidationError as exc:
         raise WeightsError(f"{repo_id!r} is not a valid hub id: {exc}") from None
     except (RepositoryNotFoundError, GatedRepoError) as exc:
@@ -124,7 +130,6 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
     except Exception as exc:  # noqa: BLE001 - any other hub/network failure becomes one clear error
         raise WeightsError(f"could not fetch {where} from the Hugging Face hub: {type(exc).__name__}: {exc}") from None
 
-    path = Path(folder)
     if not (path / "config.json").is_file():
         raise WeightsError(f"hub snapshot of {where} at {path} has no config.json")
     return path
