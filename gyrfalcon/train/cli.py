@@ -80,6 +80,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    t.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
 
     r = p.add_argument_group("evaluation, logging, checkpoints")
     r.add_argument("--eval-every", type=int, default=100, help="held-out eval every N steps (0 = at the end)")
@@ -131,6 +133,8 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(0 <= args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     _require(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
     _require(args.grad_clip >= 0, f"--grad-clip {args.grad_clip}: must be >= 0")
+    if args.threads is not None:
+        _require(args.threads >= 1, f"--threads {args.threads}: must be >= 1")
     if args.tokenizer is not None:
         _require((Path(args.tokenizer) / "tokenizer.json").is_file(),
                  f"--tokenizer {args.tokenizer}: no tokenizer.json there")
@@ -408,9 +412,21 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train per `args` (from `add_train_arguments`); returns 0. Bad arguments raise ValueError naming the flag."""
+    validate_args(args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        # OpenMP workers spin at every barrier: with more threads than free cores each small op waits for a
+        # descheduled thread, so on a shared machine one thread can be several times faster than two.
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from ..models import build_model
 
-    validate_args(args)
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
