@@ -78,28 +78,34 @@ def role_make(out_dir: str, size: str) -> None:
     model.save_pretrained(out_dir)  # safetensors, fp32, lm_head tied (not stored)
 
 
-def _bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: best time of a sum over a tensor much larger than the caches."""
+def _bandwidths(threads: int, gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
+    """Read bandwidth probes in bytes/s, best time of `repeats` each, over a tensor much larger than the caches:
+    `sum` (a reduction), `mv` (a matrix-vector product with 16 KiB rows, the access pattern of decoding) and
+    `copy` (read + write, both counted). The roofline uses the larger of the two pure reads."""
     import torch
 
     torch.set_num_threads(threads)
     x = torch.ones(int(gib * (1 << 30)) // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
+    m = x.view(-1, 4096)
+    v = torch.ones(4096)
+    y = torch.empty_like(x)
+
+    def best(fn) -> float:
+        fn()
+        t_best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            t_best = min(t_best, time.perf_counter() - t)
+        return t_best
+
+    nbytes = x.numel() * 4
+    return {"sum": nbytes / best(x.sum), "mv": nbytes / best(lambda: torch.mv(m, v)),
+            "copy": 2 * nbytes / best(lambda: y.copy_(x))}
 
 
 def role_bandwidth(threads: int) -> None:
-    print(json.dumps({"bandwidth": _bandwidth(threads)}))
-
-
-class _Timer:
-    def __init__(self):
-        self.stamps: list[float] = []
+    print(json.dumps(_bandwidths(threads)))
 
 
 def role_run(impl: str, model_dir: str, threads: int, prompt_len: int, new_tokens: int, batch: int,
@@ -207,7 +213,7 @@ def role_run(impl: str, model_dir: str, threads: int, prompt_len: int, new_token
             assert out.shape[1] == rows.shape[1] + new_tokens
             return s.stamps
 
-        for b in (1, batch):
+        for b in sorted({1, batch}):
             best = float("inf")
             for _ in range(repeats):
                 stamps = decode(prompts[:b])
@@ -236,29 +242,30 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
 
-def _table(results: dict, bandwidth: float) -> str:
+def _table(results: dict, prompt_len: int, batch: int) -> str:
     rows = []
     header = ["metric", "size", "gyrfalcon", "transformers", "ours/tf"]
     for size, r in results.items():
         o, h = r["ours"], r["transformers"]
         w = o["weight_bytes"]
 
-        def row(name, a, b, fmt, better_low=False):
+        def row(name, a, b, fmt, better_low=False, size=size):
             ratio = (b / a if better_low else a / b) if a and b else float("nan")
             rows.append([name, size, fmt(a), fmt(b), f"{ratio:.2f}x"])
+
+        def rss(v, w=w):
+            return f"{_fmt_bytes(v)} ({v / w:.2f}x w)"
 
         row("load time (s)", o["load_s"], h["load_s"], lambda v: f"{v:.2f}", better_low=True)
         row("load + first prefill (s)", o["load_s"] + o["first_prefill_s"], h["load_s"] + h["first_prefill_s"],
             lambda v: f"{v:.2f}", better_low=True)
-        row("peak RSS, load", o["load_peak_rss"], h["load_peak_rss"],
-            lambda v: f"{_fmt_bytes(v)} ({v / w:.2f}x w)", better_low=True)
-        row("peak RSS, load+generate", o["gen_peak_rss"], h["gen_peak_rss"],
-            lambda v: f"{_fmt_bytes(v)} ({v / w:.2f}x w)", better_low=True)
-        row("prefill tok/s (128, b1)", o["prefill_tok_s"], h["prefill_tok_s"], lambda v: f"{v:.1f}")
+        row("peak RSS, load", o["load_peak_rss"], h["load_peak_rss"], rss, better_low=True)
+        row("peak RSS, load+generate", o["gen_peak_rss"], h["gen_peak_rss"], rss, better_low=True)
+        row(f"prefill tok/s ({prompt_len} tok, b1)", o["prefill_tok_s"], h["prefill_tok_s"], lambda v: f"{v:.1f}")
         rows.append(["  tf prefill, logits_to_keep=1", size, "", f"{h['prefill_last_only_tok_s']:.1f}",
                      f"{o['prefill_tok_s'] / h['prefill_last_only_tok_s']:.2f}x"])
         row("decode tok/s, b1", o["decode_b1_tok_s"], h["decode_b1_tok_s"], lambda v: f"{v:.2f}")
-        bkey = next(k for k in o if k.startswith("decode_b") and k != "decode_b1_tok_s")
+        bkey = f"decode_b{batch}_tok_s"
         row(f"decode tok/s, {bkey[7:-6]}", o[bkey], h[bkey], lambda v: f"{v:.2f}")
         rows.append([f"  {bkey[7:-6]} / b1 throughput", size, f"{o[bkey] / o['decode_b1_tok_s']:.2f}x",
                      f"{h[bkey] / h['decode_b1_tok_s']:.2f}x", ""])
@@ -270,7 +277,10 @@ def _table(results: dict, bandwidth: float) -> str:
         if "logits_max_abs_diff" in r:
             rows.append(["  last-token logits max |diff|", size, f"{r['logits_max_abs_diff']:.2e}", "", ""])
     widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
-    line = lambda x: "  ".join(str(c).ljust(wd) for c, wd in zip(x, widths))  # noqa: E731
+
+    def line(cells):
+        return "  ".join(str(c).ljust(wd) for c, wd in zip(cells, widths, strict=True)).rstrip()
+
     return "\n".join([line(header), line(["-" * wd for wd in widths]), *map(line, rows)])
 
 
@@ -313,8 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         load1 = float("nan")
 
     started = time.time()
-    bw = [_sub(["--role", "bandwidth", "--threads", str(args.threads)], env)["bandwidth"]]
-    print(f"read bandwidth ({args.threads} threads): {bw[0] / 1e9:.2f} GB/s", flush=True)
+    probes = [_sub(["--role", "bandwidth", "--threads", str(args.threads)], env)]
+    print(f"read bandwidth ({args.threads} threads): {_fmt_probe(probes[0])}", flush=True)
     results: dict = {}
     for size in sizes:
         tmp = tempfile.mkdtemp(prefix=f"gf-core-perf-{size}-")
@@ -336,9 +346,10 @@ def main(argv: list[str] | None = None) -> None:
             results[size] = r
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    bw.append(_sub(["--role", "bandwidth", "--threads", str(args.threads)], env)["bandwidth"])
-    bandwidth = max(bw)
-    for size, r in results.items():
+    probes.append(_sub(["--role", "bandwidth", "--threads", str(args.threads)], env))
+    print(f"read bandwidth ({args.threads} threads): {_fmt_probe(probes[1])}", flush=True)
+    bandwidth = max(max(p["sum"], p["mv"]) for p in probes)
+    for r in results.values():
         first = r[impls[0]]
         ctx = args.prompt_len + (args.new_tokens - 1) / 2  # mean keys per decode step
         r["bytes_per_token"] = first["weight_bytes"] + first["kv_bytes_per_token"] * ctx
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch_threads": results[sizes[0]][impls[0]]["threads"] if sizes else None,
-        "python": platform.python_version(), "bandwidth_probes": bw, "bandwidth": bandwidth,
+        "python": platform.python_version(), "bandwidth_probes": probes, "bandwidth": bandwidth,
         "loadavg_1m_at_start": load1, "loadavg_1m_at_end": os.getloadavg()[0], "wall_s": time.time() - started,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -365,13 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{meta['date']}  {meta['cpu']}  {meta['cpu_count']} cores, torch threads {meta['torch_threads']}, "
           f"torch {meta.get('torch')}, transformers {meta.get('transformers')}")
-    print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s (best of probes {[round(b / 1e9, 2) for b in bw]}); "
-          f"load avg (1m) {load1:.2f} at start, {meta['loadavg_1m_at_end']:.2f} at end")
+    print(f"roofline read bandwidth {bandwidth / 1e9:.2f} GB/s (best sum / mv probe of two rounds, "
+          f"{args.threads} threads); load avg (1m) {load1:.2f} at start, {meta['loadavg_1m_at_end']:.2f} at end")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; best of {args.repeats}")
     if len(impls) == 2:
-        print(_table(results, bandwidth))
+        print(_table(results, args.prompt_len, args.batch))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+def _fmt_probe(p: dict) -> str:
+    return ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in p.items())
 
 
 def _cpu_name() -> str:

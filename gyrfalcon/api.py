@@ -10,10 +10,11 @@ import torch
 
 from .config import ModelConfig, load_config
 from .models import build_model
+from .quant.swap import load_into
 from .runtime.generate import Generation
 from .runtime.sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
-from .weights import load_weights, resolve_model_dir
+from .weights import resolve_model_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-falcon-shakespeare"
@@ -210,11 +211,18 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    quantize: str | None = None,
+    skip: Sequence[str] | str = (),
 ) -> LLM:
     """Load a Falcon / Falcon-Mamba checkpoint from a local dir or a hub id (resolved through the HF cache).
 
     With no path the bundled tiny Shakespeare Falcon is loaded. Defaults: CUDA when available, else CPU;
     bf16 on GPU, fp32 on CPU (whatever dtype the checkpoint was saved in).
+
+    quantize: "int8", "llm.int8", "nf4" or "fp4" quantizes the weights while they stream in (peak memory stays
+    near the quantized size); `dtype` is then the compute dtype. skip: modules kept in full precision (names,
+    suffixes such as "lm_head", or patterns). A checkpoint written by `gyrfalcon quantize` loads quantized with
+    no flag. See `gyrfalcon.quant`.
     """
     model_dir = resolve_model_dir(path_or_id if path_or_id is not None else DEFAULT_MODEL, revision=revision)
     config = load_config(model_dir)
@@ -222,6 +230,7 @@ def load(
     dtype = parse_dtype(dtype) or default_dtype(device)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = build_model(config)
-    load_weights(model, model_dir, dtype, device)
+    # Plain, quantizing while streaming, or a quantized checkpoint (recognized from its metadata).
+    load_into(model, model_dir, dtype, device, quantize, skip)
     model.eval()
     return LLM(model, tokenizer, config, model_dir)

@@ -20,6 +20,12 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    p.add_argument("--quantize", choices=["int8", "llm.int8", "nf4", "fp4"],
+                   help="quantize the weights while loading (the output head stays 8-bit); a checkpoint written by "
+                        "`gyrfalcon quantize` needs no flag")
+    p.add_argument("--skip", action="append", default=[], metavar="MODULE",
+                   help="with --quantize: keep this module in full precision (name, suffix such as lm_head, or "
+                        "pattern; repeatable or comma-separated)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -47,7 +53,8 @@ def _load(args: argparse.Namespace):
     from .api import load
 
     model = getattr(args, "model_pos", None) or args.model
-    return load(model, device=args.device, dtype=args.dtype, revision=args.revision)
+    return load(model, device=args.device, dtype=args.dtype, revision=args.revision,
+                quantize=getattr(args, "quantize", None), skip=getattr(args, "skip", ()))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +172,54 @@ def run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .server.cli import add_serve_arguments
+
+    add_serve_arguments(p)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server.cli import run_serve as run
+
+    return run(args)
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from .quant.cli import add_quantize_arguments
+
+    add_quantize_arguments(p)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .quant.cli import run_quantize as run
+
+    return run(args)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench as run
+
+    return run(args)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from .eval.cli import add_arguments
+
+    add_arguments(p)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import run
+
+    return run(args)
+
+
 Args = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
@@ -176,6 +231,14 @@ COMMANDS: dict[str, tuple[str, Args, Run]] = {
     "info": ("describe a model: layout, parameters, weight bytes, KV-cache bytes (the config alone is enough)",
              _info_args, run_info),
     "train": ("train a Falcon or Falcon-Mamba from scratch on a text file", _train_args, run_train),
+    "serve": ("serve a model over HTTP: TGI and OpenAI APIs, continuous batching, a chat page at /",
+              _serve_args, run_serve),
+    "quantize": ("quantize a checkpoint to int8 / nf4 / fp4 and write it (loads later with no flag)",
+                 _quantize_args, run_quantize),
+    "bench": ("measure memory, load time and generation speed per quantization mode (JSON, CSV, PNG, table)",
+              _bench_args, run_bench),
+    "eval": ("score Open LLM Leaderboard tasks (ARC, HellaSwag, MMLU, TruthfulQA, WinoGrande, GSM8K) and "
+             "perplexity, with lm-eval's numbers", _eval_args, run_eval),
 }
 
 
@@ -186,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gyrfalcon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _run) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        # "resolve": a command that defines a shared option itself (eval's --quantize) overrides _model_args' one.
+        sp = sub.add_parser(name, help=help_text, description=help_text, conflict_handler="resolve")
         add_arguments(sp)
     return parser
 

@@ -187,7 +187,10 @@ def test_resume_reproduces_the_uninterrupted_run(text_file, tmp_path, monkeypatc
 
 
 def test_resume_with_changed_flag_names_it(text_file, tmp_path):
-    out = run(text_file, tmp_path / "m", "--steps", "4", "--save-every", "2", "--eval-every", "0")
+    out = run(text_file, tmp_path / "m", "--steps", "4", "--save-every", "2", "--eval-every", "0",
+              "--save-dtype", "bf16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load(out, device="cpu").generate("ROMEO:", max_new_tokens=4, seed=0)[0].token_ids
     with pytest.raises(ValueError, match="--lr"):
         run(text_file, out, "--steps", "4", "--lr", "1e-3", "--resume")
 
@@ -352,3 +355,19 @@ def test_train_loop_with_plain_iterator_resumes_by_fast_forward(tmp_path):
                    on_step=lambda s, r: (_ for _ in ()).throw(Interrupted()) if s == 3 else None)
     resumed = loop.train(fresh(), batches(), config=cfg(tmp_path / "b", resume=True))
     assert [r["loss"] for r in resumed.history[-3:]] == [r["loss"] for r in full.history[-3:]]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = from_hf({"model_type": "falcon", "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2,
+                      "num_attention_heads": 2})
+    batch = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config, device="cpu")
+        if checkpointing:
+            assert loop.enable_gradient_checkpointing(model) == 2
+        loss, _ = loop.causal_lm_loss(model, batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

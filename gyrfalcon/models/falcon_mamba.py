@@ -75,9 +75,10 @@ def selective_scan(
         t1 = min(t0 + _SCAN_CHUNK, t_total)
         dA = torch.exp(dt[:, t0:t1, :, None] * A)  # [B, c, E, N]
         dBu = dt[:, t0:t1, :, None] * Bm[:, t0:t1, None, :] * u[:, t0:t1, :, None]  # [B, c, E, N]
-        for i in range(t1 - t0):
-            state = dA[:, i] * state + dBu[:, i]
-            ys.append(torch.matmul(state, Cm[:, t0 + i, :, None]).squeeze(-1))  # [B, E]
+        # unbind rather than dA[:, i]: indexing makes autograd build a full-size zero gradient per step.
+        for dA_i, dBu_i, c_i in zip(dA.unbind(1), dBu.unbind(1), Cm[:, t0:t1, :, None].unbind(1), strict=True):
+            state = dA_i * state + dBu_i
+            ys.append(torch.matmul(state, c_i).squeeze(-1))  # [B, E]
     return torch.stack(ys, dim=1), state
 
 

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -305,7 +306,11 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    text = f"CPU: {cpu} ({os.cpu_count()} cores), {threads} torch thread{'s' if threads != 1 else ''}"
+    if hasattr(os, "getloadavg"):  # wall times on a shared machine mean little without the load beside them
+        text += f", load average {os.getloadavg()[1]:.1f} over the last 5 minutes of the run"
+    return text
 
 
 def save_model_dir(model: nn.Module, config: ModelConfig, out: Path, save_dtype: str, eos_id: int | None) -> None:
@@ -329,6 +334,13 @@ def final_train_loss(history: list[dict[str, Any]], steps: int) -> tuple[float |
     n = max(1, min(100, steps // 10))
     tail = losses[-n:]
     return (sum(tail) / len(tail), len(tail)) if tail else (None, 0)
+
+
+def _schedule_text(a: argparse.Namespace) -> str:
+    if a.schedule == "wsd":
+        return (f"warmup-stable-decay schedule (constant, then a {a.decay_shape} decay over the last "
+                f"{a.decay_fraction:.0%} of the steps)")
+    return f"{a.schedule} schedule"
 
 
 def write_model_card(out: Path, info: dict[str, Any]) -> None:
@@ -374,7 +386,7 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         f"tokens seen: {info['tokens']:,} ({info['tokens'] / max(info['n_train'], 1):.1f} passes over the training "
         "tokens)",
         f"- Optimizer: AdamW (betas 0.9, 0.95, weight decay {a.weight_decay} on matrices), peak lr {a.lr}, "
-        f"{a.schedule} schedule to {info['min_lr']} after {a.warmup} warmup steps, gradient clip {a.grad_clip}",
+        f"{_schedule_text(a)} to {info['min_lr']} after {a.warmup} warmup steps, gradient clip {a.grad_clip}",
         f"- Seed: {a.seed}",
         f"- Wall time: {info['seconds'] / 60:.1f} min ({info['seconds']:.0f} s)",
         f"- Hardware: {info['hardware']}; torch {torch.__version__}, Python {platform.python_version()}",
@@ -435,6 +447,9 @@ def _run_train(args: argparse.Namespace) -> int:
     min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
 
     saved = load_checkpoint(ckpt_dir) if args.resume and (ckpt_dir / "checkpoint.pt").is_file() else None
+    if args.resume:
+        print(f"resuming from step {saved['step']} of {ckpt_dir}" if saved else
+              f"--resume: no checkpoint in {ckpt_dir}, starting from step 0", file=sys.stderr)
     tokenizer = prepare_tokenizer(args, out)
     eos_id = tokenizer.eos_token_id
     data_sha = file_sha256(args.data)

@@ -67,7 +67,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     log_path: str | None = None
     resume: bool = False
-    seed: int = 0
+    seed: int = 0  # recorded in checkpoints; the caller seeds model init and the batch stream
     device: str = "cpu"
     gradient_checkpointing: bool = False
     progress: bool = True
@@ -296,7 +296,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class TrainResult:
     step: int
     tokens: int
-    train_loss: float | None  # mean over the last `log_every`... steps (see `train`)
+    train_loss: float | None  # the last step's loss (None when a resumed run had no step left)
     eval_loss: float | None
     seconds: float  # wall time spent training, summed over resumed sessions
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -377,7 +377,9 @@ def train(
     that step was written.
     With `config.resume` the loop continues from `checkpoint_dir/checkpoint.pt` when it exists.
     """
-    cfg = config or TrainConfig(steps=1)
+    if config is None:
+        raise TypeError("train() needs config=TrainConfig(steps=...)")
+    cfg = config
     cfg.validate()
     device = torch.device(cfg.device)
     batches = iter(batches)

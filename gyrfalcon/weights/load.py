@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -410,11 +411,26 @@ def _target_dtype(want: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if want.is_floating_point() else want.dtype
 
 
-def load_weights(model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
+class LoadHook(Protocol):
+    """Sees every tensor as it is read (used by gyrfalcon.quant to quantize while streaming).
+
+    `target_dtype(name, default)` may change the dtype a tensor is read as; `convert(name, tensor)` returns what goes
+    into the state dict in its place (e.g. a meta placeholder, after keeping a quantized copy). When it returns a
+    different tensor, the source pages of the memory-mapped file are released right away.
+    """
+
+    def target_dtype(self, name: str, default: torch.dtype) -> torch.dtype: ...
+
+    def convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+                 hook: LoadHook | None = None) -> None:
     """Load the checkpoint in `model_dir` into `model` (built on the meta device), as `dtype` on `device`.
 
     Strict: every key of `model.state_dict()` must be in the checkpoint with the same shape and nothing else may be
     (tied copies such as `lm_head.weight` may be present or not). Raises WeightsError naming the files and keys.
+    `hook` (optional) sees each tensor as it is read; see `LoadHook`.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -423,9 +439,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, dtype: torch.dtype, de
     aliases = _alias_groups(model)
 
     if ckpt.format == "safetensors":
-        state = _load_safetensors(ckpt, expected, aliases, dtype, device)
+        state = _load_safetensors(ckpt, expected, aliases, dtype, device, hook)
     else:
-        state = _load_bins(ckpt, expected, aliases, dtype, device)
+        state = _load_bins(ckpt, expected, aliases, dtype, device, hook)
 
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -453,7 +469,8 @@ def _is_param(model: nn.Module, name: str) -> bool:
 
 
 def _load_safetensors(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], aliases: list[list[str]],
-                      dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+                      dtype: torch.dtype, device: torch.device, hook: LoadHook | None = None
+                      ) -> dict[str, torch.Tensor]:
     # Pass 1, headers only: validate every file and key before any tensor is read, so a bad checkpoint fails fast
     # and with the full list of problems rather than after minutes of loading.
     infos: dict[str, TensorInfo] = {}
@@ -491,7 +508,16 @@ def _load_safetensors(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], 
             if info.name in skip_set:
                 continue
             want = expected[info.name]
-            state[info.name] = _tensor_from_mapping(mm, info, _target_dtype(want, dtype), device)
+            target = _target_dtype(want, dtype)
+            if hook is None:
+                state[info.name] = _tensor_from_mapping(mm, info, target, device)
+                continue
+            tensor = _tensor_from_mapping(mm, info, hook.target_dtype(info.name, target), device)
+            out = hook.convert(info.name, tensor)
+            if out is not tensor:
+                del tensor
+                _release(mm, info.start, info.start + info.nbytes)
+            state[info.name] = out
         # Our reference to the mapping goes; zero-copy tensors keep it alive, otherwise it is unmapped here.
         del mm
     for alias, source in fill.items():
@@ -500,7 +526,7 @@ def _load_safetensors(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], 
 
 
 def _load_bins(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], aliases: list[list[str]],
-               dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+               dtype: torch.dtype, device: torch.device, hook: LoadHook | None = None) -> dict[str, torch.Tensor]:
     # torch.load with mmap maps the file privately and reads no data, so holding every shard open to compare keys
     # costs address space, not memory.
     shards = {path: _load_bin(path) for path in ckpt.files}
@@ -524,6 +550,8 @@ def _load_bins(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], aliases
             if k in skip_set:
                 continue
             target = _target_dtype(expected[k], dtype)
+            if hook is not None:
+                target = hook.target_dtype(k, target)
             if t.dtype == target and device.type == "cpu":
                 # Zero copy out of torch's private mapping. A view into a larger shared storage is copied so the
                 # parameter does not pin unrelated bytes.
@@ -532,6 +560,8 @@ def _load_bins(ckpt: CheckpointFiles, expected: dict[str, torch.Tensor], aliases
                 # No page release here (torch owns the mapping); it is unmapped when this shard's dict goes, so the
                 # peak is the converted weights plus one shard.
                 state[k] = t.to(device=device, dtype=target)
+            if hook is not None:
+                state[k] = hook.convert(k, state[k])
         del sd
     for alias, source in fill.items():
         state[alias] = state[source]
@@ -668,7 +698,10 @@ def save_weights(
             pending.append((tmp, final))
             tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n", encoding="utf-8")
             _fsync_file(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, final in pending:
+            os.chmod(tmp, 0o666 & ~umask)  # the temp file is private (0600); the result gets ordinary permissions
             os.replace(tmp, final)
     except BaseException:
         for tmp, _ in pending:

@@ -1,0 +1,262 @@
+"""The CPU kernels of `quant_cpu.c`: compiled once per machine at first use, cached, called through ctypes.
+
+    from gyrfalcon.kernels import cpu
+    if cpu.available():
+        y = cpu.gemv_int8(x, qweight, scale, bias)          # x [B <= 8, K] fp32
+
+The shared library is built with the machine's C compiler (`$CC`, else `cc`, `gcc` or `clang`) as
+`-O3 -march=native -fopenmp -shared -fPIC` into `$GYRFALCON_CACHE_DIR/kernels` (default
+`~/.cache/gyrfalcon/kernels`, or under `$XDG_CACHE_HOME`), named by a hash of the source, the flags, the compiler's
+version and the CPU's feature flags, so a changed source or another machine never picks up a stale build. The
+file is compiled under a temporary name and renamed into place, so a killed build never leaves a broken library.
+Building takes about a second. Without a working compiler the quantized layers fall back to the reference path
+(dequantize + matmul: correct, slower) with one warning. `GYRFALCON_KERNELS=0` disables the kernels.
+
+Nothing here links against torch: the library takes raw pointers, so it needs no torch headers and no rebuild
+when torch changes. The OpenMP runtime it links (libgomp.so.1) resolves to the one torch has already loaded, so
+both share one thread pool; the thread count passed in is torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quant_cpu.c")
+# Tried in order: the first set that compiles wins (a compiler without OpenMP, or one that does not know
+# -march=native, still gets a working, if single-threaded or generic, library).
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"),
+    ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"),
+    ("-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"),
+)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+_f32 = ctypes.c_float
+_int = ctypes.c_int
+_SIGNATURES = {
+    "gf_gemv_i8": [_p, _p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
+    "gf_dequant_i8": [_p, _p, _i64, _i64, _i64, _p, _int],
+    "gf_gemv_q4": [_p, _p, _p, _p, _p, _f32, _p, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
+    "gf_dequant_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
+    "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
+    "gf_simd": [],
+    "gf_version": [],
+}
+MAX_BATCH = 8  # rows per gemv call (the kernel's register blocking)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GYRFALCON_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg if xdg else Path.home() / ".cache") / "gyrfalcon" / "kernels"
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library if no cached build exists for this source, compiler and CPU; return its path.
+    Raises RuntimeError with the compiler's output when no flag set compiles."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
+    src = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    errors = []
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), version.encode(),
+                                         _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
+        target = out_dir / f"quant_cpu-{key}.so"
+        if target.is_file() and not force:
+            return target
+        tmp = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        cmd = [cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(cmd)}: {exc}")
+            continue
+        if proc.returncode == 0 and tmp.is_file():
+            os.replace(tmp, target)  # atomic: a concurrent build of the same key writes identical bytes
+            return target
+        tmp.unlink(missing_ok=True)
+        errors.append(f"{' '.join(cmd)}:\n{proc.stderr.strip()[-2000:]}")
+    raise RuntimeError("cannot compile the quantized CPU kernels:\n" + "\n".join(errors))
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("GYRFALCON_KERNELS", "1").lower() in ("0", "false", "no", "off", "reference"):
+                raise RuntimeError("disabled by GYRFALCON_KERNELS")
+            lib = ctypes.CDLL(str(build()))
+            for name, args in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = _int if name in ("gf_simd", "gf_version") else None
+            _lib = lib
+        except (RuntimeError, OSError, AttributeError) as exc:
+            _error = str(exc)
+            if "disabled" not in _error:
+                warnings.warn(f"gyrfalcon: quantized CPU kernels unavailable, using the slower reference path "
+                              f"(dequantize + matmul): {exc}", RuntimeWarning, stacklevel=3)
+        _tried = True
+        return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used (built and loaded, not disabled)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _error
+
+
+def simd() -> bool:
+    """True when the library was built with the AVX2 code paths (else portable scalar C)."""
+    lib = _load()
+    return bool(lib and lib.gf_simd())
+
+
+class WeightDesc(ctypes.Structure):
+    """A quantized matrix as the kernels see it (`gf_weight` in quant_cpu.c). Built once per weight and kept (with
+    references to its tensors, so the pointers stay valid): a call then passes 8 arguments, not 17."""
+
+    _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("KP", _i64), ("w", _p), ("scale", _p), ("absq", _p),
+                ("absmax2", _p), ("code2", _p), ("code", _p), ("offset", ctypes.c_double)]
+
+
+def describe_int8(w: torch.Tensor, scale: torch.Tensor) -> WeightDesc:
+    d = WeightDesc(0, w.shape[0], w.shape[1], -(-w.shape[1] // 64) * 64, w.data_ptr(), scale.data_ptr(), None, None,
+                   None, None, 0.0)
+    d._keep = (w, scale)
+    return d
+
+
+def describe_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int, kp: int,
+                  absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                  offset: float = 0.0) -> WeightDesc:
+    dq = absmax.dtype == torch.uint8
+    d = WeightDesc(1, n, k, kp, packed.data_ptr(), None if dq else absmax.data_ptr(),
+                   absmax.data_ptr() if dq else None, _ptr(absmax2), _ptr(code2), code.data_ptr(), float(offset))
+    d._keep = (packed, absmax, code, absmax2, code2)
+    return d
+
+
+def gemv(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B <= 8, K] fp32 with unit column stride -> [B, N] fp32, for a weight described by `describe_*`."""
+    b = x.shape[0]
+    y = torch.empty(b, desc.N, dtype=torch.float32)
+    _lib.gf_gemv(ctypes.byref(desc), None if bias is None else bias.data_ptr(), x.data_ptr(), x.stride(0), b,
+                 y.data_ptr(), desc.N, torch.get_num_threads())
+    return y
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check_x(x: torch.Tensor, k: int) -> None:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"kernel input must be a CPU fp32 [B, {k}] tensor with unit column stride")
+
+
+def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] fp32 (B <= 8), w [N, K] int8, scale [N] fp32, bias [N] fp32 or None -> [B, N] fp32."""
+    lib = _load()
+    n, k = w.shape
+    _check_x(x, k)
+    b = x.shape[0]
+    if b > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} rows per call, got {b}")
+    y = out if out is not None else torch.empty(b, n, dtype=torch.float32)
+    lib.gf_gemv_i8(w.data_ptr(), scale.data_ptr(), _ptr(bias), n, k, x.data_ptr(), x.stride(0), b, y.data_ptr(),
+                   y.stride(0), torch.get_num_threads())
+    return y
+
+
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """out [n1 - n0, K] fp32 (contiguous) = rows n0..n1 of the int8 weight, exactly as the reference computes."""
+    lib = _load()
+    lib.gf_dequant_i8(w.data_ptr(), scale.data_ptr(), n0, n1, w.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
+              kp: int, bias: torch.Tensor | None = None, absmax2: torch.Tensor | None = None,
+              code2: torch.Tensor | None = None, offset: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] fp32 (B <= 8); packed [N * KP / 2] uint8; absmax fp32 per block, or uint8 codes with absmax2,
+    code2 and offset (double quantization); code [16] fp32 -> [B, N] fp32."""
+    lib = _load()
+    _check_x(x, k)
+    b = x.shape[0]
+    if b > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} rows per call, got {b}")
+    y = out if out is not None else torch.empty(b, n, dtype=torch.float32)
+    dq = absmax.dtype == torch.uint8
+    lib.gf_gemv_q4(packed.data_ptr(), None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None,
+                   _ptr(absmax2), _ptr(code2), float(offset), code.data_ptr(), _ptr(bias), n, k, kp, x.data_ptr(),
+                   x.stride(0), b, y.data_ptr(), y.stride(0), torch.get_num_threads())
+    return y
+
+
+def dequant_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, k: int, kp: int, n0: int, n1: int,
+                 out: torch.Tensor, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                 offset: float = 0.0) -> torch.Tensor:
+    """out [n1 - n0, K] fp32 (contiguous) = rows n0..n1 of the 4-bit weight, exactly as the reference computes."""
+    lib = _load()
+    dq = absmax.dtype == torch.uint8
+    lib.gf_dequant_q4(packed.data_ptr(), None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None,
+                      _ptr(absmax2), _ptr(code2), float(offset), code.data_ptr(), n0, n1, k, kp, out.data_ptr(),
+                      torch.get_num_threads())
+    return out

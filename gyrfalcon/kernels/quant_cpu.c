@@ -1,0 +1,455 @@
+/* gyrfalcon CPU kernels for weight-only quantized linears (int8 rows, nf4/fp4 blocks of 64).
+ *
+ * Built at first use by gyrfalcon/kernels/cpu.py with the machine's compiler
+ * (cc -O3 -march=native -fopenmp -shared -fPIC) and called through ctypes on tensor data pointers.
+ *
+ * Glossary
+ *   N  output features (weight rows)     K  input features      KP  K rounded up to a multiple of 64
+ *   B  input rows (1..8: decode and small batches; larger batches use the dequantize-by-tile path)
+ *
+ * Layouts (exactly the tensors gyrfalcon.quant stores, nothing is repacked):
+ *   int8   w [N, K] int8, scale [N] fp32:                  W[n, k] = w[n, k] * scale[n]
+ *   4-bit  packed [N, KP/2] uint8, bitsandbytes order:     byte j of a row = (q[2j] << 4) | q[2j+1]
+ *          absmax per block of 64 along the row, either fp32 [N*KP/64] or double-quantized
+ *          (uint8 [N*KP/64] through the 256-entry map `code2`, times absmax2[block / 256], plus `offset`):
+ *                                                          W[n, k] = code[q[n, k]] * absmax[n, k / 64]
+ *
+ * Matrix-vector products (gemv_*): the activations are quantized per block of 64 to int16 (scale = block
+ * absmax / 32767, so each element is within 1.5e-5 of the block's largest) and multiplied with
+ * _mm256_madd_epi16 against the int8 weights (sign-extended) or the 4-bit codes expanded by a 16-entry pshufb
+ * table to int16 (code * 8191, within 6.1e-5 of the code book value). Products are summed exactly in int32
+ * within a block (8 products per lane: 8 * 127 * 32767 and 8 * 8191 * 32767 both stay below 2^31), and blocks
+ * are summed in fp32 with their scales. The relative error against the exact fp32 product of the dequantized
+ * weight is ~1e-4 (tests hold it to 2e-3 of the output scale), far below the quantization error itself.
+ * The B input rows share one pass over the weights: the weight registers are decoded once per block.
+ *
+ * Dequantization (dequant_*) is exact fp32 (code book value times absmax, as the reference path computes it)
+ * and is used by the caller to dequantize a tile of rows for an fp32 matrix product (prefill).
+ *
+ * Threads: OpenMP over output rows; the caller passes the thread count (torch's), and as torch's own OpenMP
+ * runtime (libgomp.so.1) is the one loaded in the process, both share one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GF_AVX2 1
+#else
+#define GF_AVX2 0
+#endif
+
+#define QB 64
+#define XQMAX 32767.0f
+#define CODE_SCALE 8191.0f
+#define MAXB 8
+
+int gf_simd(void) { return GF_AVX2; }
+int gf_version(void) { return 3; }
+
+/* Position p of a block in the 4-bit kernel's register order -> element index within the block (see gemv_q4). */
+static int q4_perm(int p) {
+    int v = p / 16, i = p % 16, lane = i / 8, t = i % 8;
+    int byte = lane * 16 + (v % 2) * 8 + t;
+    return 2 * byte + (v >= 2 ? 1 : 0);
+}
+
+static inline float hsum(
+#if GF_AVX2
+    __m256 v
+#else
+    float v
+#endif
+) {
+#if GF_AVX2
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+#else
+    return v;
+#endif
+}
+
+#if GF_AVX2
+static inline float hsum_max(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* x [B, K] fp32 (row stride ldx) -> xq [B, KP] int16, xs [B, KP/64]. Padding elements are 0. With `permute`,
+ * each block is stored in the 4-bit kernel's register order. Rounding: to nearest, ties to even. */
+static void quantize_x(const float *x, int64_t ldx, int64_t B, int64_t K, int64_t KP, int permute, int16_t *xq,
+                       float *xs) {
+    int perm[QB];
+    for (int p = 0; p < QB; p++) perm[p] = permute ? q4_perm(p) : p;
+    int64_t nb = KP / QB;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * ldx;
+        for (int64_t j = 0; j < nb; j++) {
+            float blk[QB] __attribute__((aligned(32)));
+            int16_t qv[QB] __attribute__((aligned(32)));
+            int64_t k0 = j * QB;
+            if (k0 + QB <= K) {
+                memcpy(blk, xr + k0, sizeof(blk));
+            } else {
+                for (int e = 0; e < QB; e++) blk[e] = (k0 + e < K) ? xr[k0 + e] : 0.f;
+            }
+            float amax = 0.f;
+#if GF_AVX2
+            const __m256 signbit = _mm256_set1_ps(-0.0f);
+            __m256 m = _mm256_setzero_ps();
+            for (int e = 0; e < QB; e += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(signbit, _mm256_load_ps(blk + e)));
+            amax = hsum_max(m);
+            float inv = amax > 0.f ? XQMAX / amax : 0.f;
+            __m256 vinv = _mm256_set1_ps(inv);
+            for (int e = 0; e < QB; e += 16) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(blk + e), vinv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(blk + e + 8), vinv));
+                __m256i pk = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+                _mm256_store_si256((__m256i *)(qv + e), pk);
+            }
+#else
+            for (int e = 0; e < QB; e++) {
+                float a = fabsf(blk[e]);
+                amax = a > amax ? a : amax;
+            }
+            float inv = amax > 0.f ? XQMAX / amax : 0.f;
+            for (int e = 0; e < QB; e++) qv[e] = (int16_t)lrintf(blk[e] * inv);
+#endif
+            int16_t *dst = xq + b * KP + k0;
+            if (permute) {
+                for (int p = 0; p < QB; p++) dst[p] = qv[perm[p]];
+            } else {
+                memcpy(dst, qv, sizeof(qv));
+            }
+            xs[b * nb + j] = amax / XQMAX;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* int8 rows */
+
+#define GF_INLINE static inline __attribute__((always_inline))
+
+GF_INLINE void gemv_i8_rows_t(const int8_t *w, const float *scale, const float *bias, int64_t n0, int64_t n1,
+                              int64_t K, int64_t KP, const int16_t *xq, const float *xs, const int B, float *y,
+                              int64_t ldy) {
+    int64_t nfull = K / QB, nb = KP / QB;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * K;
+        float tot[MAXB];
+#if GF_AVX2
+        __m256 acc[MAXB];
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nfull; j++) {
+            const int8_t *p = wr + j * QB;
+            _mm_prefetch((const char *)(p + 2048), _MM_HINT_T0); /* the hardware prefetcher alone lags */
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+            __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+            __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 48)));
+            for (int b = 0; b < B; b++) {
+                const int16_t *xp = xq + b * KP + j * QB;
+                __m256i s = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(xp)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 16))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w2, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w3, _mm256_loadu_si256((const __m256i *)(xp + 48))));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xs[b * nb + j]), acc[b]);
+            }
+        }
+        for (int b = 0; b < B; b++) tot[b] = hsum(acc[b]);
+#else
+        for (int b = 0; b < B; b++) {
+            float t = 0.f;
+            for (int64_t j = 0; j < nfull; j++) {
+                int32_t s = 0;
+                for (int e = 0; e < QB; e++) s += (int32_t)wr[j * QB + e] * xq[b * KP + j * QB + e];
+                t += (float)s * xs[b * nb + j];
+            }
+            tot[b] = t;
+        }
+#endif
+        if (nfull < nb) { /* tail block, K % 64 elements */
+            for (int b = 0; b < B; b++) {
+                int32_t s = 0;
+                for (int64_t k = nfull * QB; k < K; k++) s += (int32_t)wr[k] * xq[b * KP + k];
+                tot[b] += (float)s * xs[b * nb + nfull];
+            }
+        }
+        float sc = scale[n], bi = bias ? bias[n] : 0.f;
+        for (int b = 0; b < B; b++) y[b * ldy + n] = tot[b] * sc + bi;
+    }
+}
+
+/* One copy per batch size, so that B is a constant and the accumulators live in registers. */
+#define GF_I8(b)                                                                                               \
+    static __attribute__((noinline)) void gemv_i8_rows_##b(const int8_t *w, const float *scale, const float *bias, \
+                                                             int64_t n0, int64_t n1, int64_t K, int64_t KP,     \
+                                                             const int16_t *xq, const float *xs, float *y,      \
+                                                             int64_t ldy) {                                     \
+        gemv_i8_rows_t(w, scale, bias, n0, n1, K, KP, xq, xs, b, y, ldy);                                      \
+    }
+GF_I8(1) GF_I8(2) GF_I8(3) GF_I8(4) GF_I8(5) GF_I8(6) GF_I8(7) GF_I8(8)
+#undef GF_I8
+
+static void gemv_i8_rows(const int8_t *w, const float *scale, const float *bias, int64_t n0, int64_t n1, int64_t K,
+                         int64_t KP, const int16_t *xq, const float *xs, int B, float *y, int64_t ldy) {
+    switch (B) {
+#define GF_CASE(b) \
+    case b: gemv_i8_rows_##b(w, scale, bias, n0, n1, K, KP, xq, xs, y, ldy); break;
+        GF_CASE(1) GF_CASE(2) GF_CASE(3) GF_CASE(4) GF_CASE(5) GF_CASE(6) GF_CASE(7) GF_CASE(8)
+#undef GF_CASE
+    }
+}
+
+/* y[b, n] = sum_k W[n, k] x[b, k] + bias[n], for b < B <= 8. */
+void gf_gemv_i8(const int8_t *w, const float *scale, const float *bias, int64_t N, int64_t K, const float *x,
+                int64_t ldx, int64_t B, float *y, int64_t ldy, int nthreads) {
+    int64_t KP = (K + QB - 1) / QB * QB;
+    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)(B * KP * 2 + 64) / 64 * 64);
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(B * KP / QB + 1));
+    quantize_x(x, ldx, B, K, KP, 0, xq, xs);
+    int64_t chunk = 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < (N + chunk - 1) / chunk; c++) {
+        int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        gemv_i8_rows(w, scale, bias, n0, n1, K, KP, xq, xs, (int)B, y, ldy);
+    }
+    free(xq);
+    free(xs);
+}
+
+/* out [n1 - n0, K] fp32 = rows n0..n1 of W. */
+void gf_dequant_i8(const int8_t *w, const float *scale, int64_t n0, int64_t n1, int64_t K, float *out,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * K;
+        float *o = out + (n - n0) * K;
+        float s = scale[n];
+        int64_t k = 0;
+#if GF_AVX2
+        __m256 vs = _mm256_set1_ps(s);
+        for (; k + 8 <= K; k += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + k)));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vs));
+        }
+#endif
+        for (; k < K; k++) o[k] = (float)wr[k] * s;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* 4-bit blocks (nf4 / fp4) */
+
+typedef struct {
+    const uint8_t *packed;
+    const float *absf;    /* fp32 absmax per block, or NULL when double-quantized */
+    const uint8_t *absq;  /* uint8 absmax codes per block */
+    const float *absmax2; /* fp32 per 256 blocks */
+    const float *code2;   /* 256 entries */
+    float offset;
+} q4w;
+
+static inline float block_absmax(const q4w *q, int64_t g) {
+    if (q->absf) return q->absf[g];
+    return q->code2[q->absq[g]] * q->absmax2[g / 256] + q->offset;
+}
+
+GF_INLINE void gemv_q4_rows_t(const q4w *q, const int16_t *code16, const float *code, const float *bias,
+                              int64_t n0, int64_t n1, int64_t KP, const int16_t *xq, const float *xs, const int B,
+                              float *y, int64_t ldy) {
+    int64_t nb = KP / QB;
+#if GF_AVX2
+    uint8_t tl[16], th[16];
+    for (int i = 0; i < 16; i++) {
+        tl[i] = (uint8_t)(code16[i] & 0xff);
+        th[i] = (uint8_t)((code16[i] >> 8) & 0xff);
+    }
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tl));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)th));
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+#endif
+    float sc[nb > 0 ? nb : 1]; /* this row's block scales (absmax; times the activation scale when B == 1) */
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *pr = q->packed + n * (KP / 2);
+        float tot[MAXB];
+#if GF_AVX2
+        if (q->absf) {
+            for (int64_t j = 0; j < nb; j++) sc[j] = q->absf[n * nb + j];
+        } else {
+            for (int64_t j = 0; j < nb; j++) sc[j] = block_absmax(q, n * nb + j);
+        }
+        if (B == 1)
+            for (int64_t j = 0; j < nb; j++) sc[j] *= xs[j];
+        __m256 acc[MAXB];
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nb; j++) {
+            _mm_prefetch((const char *)(pr + j * (QB / 2) + 1024), _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(pr + j * (QB / 2)));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f); /* even elements */
+            __m256i lo = _mm256_and_si256(v, m0f);                       /* odd elements */
+            __m256i hl = _mm256_shuffle_epi8(tlo, hi), hh = _mm256_shuffle_epi8(thi, hi);
+            __m256i ll = _mm256_shuffle_epi8(tlo, lo), lh = _mm256_shuffle_epi8(thi, lo);
+            __m256i w0 = _mm256_unpacklo_epi8(hl, hh), w1 = _mm256_unpackhi_epi8(hl, hh);
+            __m256i w2 = _mm256_unpacklo_epi8(ll, lh), w3 = _mm256_unpackhi_epi8(ll, lh);
+            const float am = sc[j];
+            for (int b = 0; b < B; b++) {
+                const int16_t *xp = xq + b * KP + j * QB;
+                __m256i s = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(xp)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 16))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w2, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(w3, _mm256_loadu_si256((const __m256i *)(xp + 48))));
+                const float f = B == 1 ? am : am * xs[b * nb + j];
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(f), acc[b]);
+            }
+        }
+        for (int b = 0; b < B; b++) tot[b] = hsum(acc[b]) * (1.0f / CODE_SCALE);
+#else
+        (void)code16;
+        for (int b = 0; b < B; b++) {
+            float t = 0.f;
+            for (int64_t j = 0; j < nb; j++) {
+                float s = 0.f;
+                for (int p = 0; p < QB; p++) {
+                    int e = q4_perm(p);
+                    uint8_t byte = pr[j * (QB / 2) + e / 2];
+                    int qi = (e & 1) ? (byte & 15) : (byte >> 4);
+                    s += code[qi] * (float)xq[b * KP + j * QB + p];
+                }
+                t += s * block_absmax(q, n * nb + j) * xs[b * nb + j];
+            }
+            tot[b] = t;
+        }
+#endif
+        float bi = bias ? bias[n] : 0.f;
+        for (int b = 0; b < B; b++) y[b * ldy + n] = tot[b] + bi;
+    }
+}
+
+/* One non-inlined copy per batch size: B is a constant and each copy gets its own register allocation. */
+#define GF_Q4(b)                                                                                              \
+    static __attribute__((noinline)) void gemv_q4_rows_##b(const q4w *q, const int16_t *code16,              \
+                                                             const float *code, const float *bias, int64_t n0, \
+                                                             int64_t n1, int64_t KP, const int16_t *xq,        \
+                                                             const float *xs, float *y, int64_t ldy) {         \
+        gemv_q4_rows_t(q, code16, code, bias, n0, n1, KP, xq, xs, b, y, ldy);                                 \
+    }
+GF_Q4(1) GF_Q4(2) GF_Q4(3) GF_Q4(4) GF_Q4(5) GF_Q4(6) GF_Q4(7) GF_Q4(8)
+#undef GF_Q4
+
+static void gemv_q4_rows(const q4w *q, const int16_t *code16, const float *code, const float *bias, int64_t n0,
+                         int64_t n1, int64_t KP, const int16_t *xq, const float *xs, int B, float *y, int64_t ldy) {
+    switch (B) {
+#define GF_CASE(b) \
+    case b: gemv_q4_rows_##b(q, code16, code, bias, n0, n1, KP, xq, xs, y, ldy); break;
+        GF_CASE(1) GF_CASE(2) GF_CASE(3) GF_CASE(4) GF_CASE(5) GF_CASE(6) GF_CASE(7) GF_CASE(8)
+#undef GF_CASE
+    }
+}
+
+/* y[b, n] = sum_k W[n, k] x[b, k] + bias[n] for b < B <= 8; x has K columns (K <= KP, the rest is padding). */
+void gf_gemv_q4(const uint8_t *packed, const float *absf, const uint8_t *absq, const float *absmax2,
+                const float *code2, float offset, const float *code, const float *bias, int64_t N, int64_t K,
+                int64_t KP, const float *x, int64_t ldx, int64_t B, float *y, int64_t ldy, int nthreads) {
+    q4w q = {packed, absf, absq, absmax2, code2, offset};
+    int16_t code16[16];
+    for (int i = 0; i < 16; i++) code16[i] = (int16_t)lrintf(code[i] * CODE_SCALE);
+    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)(B * KP * 2 + 64) / 64 * 64);
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(B * KP / QB + 1));
+    quantize_x(x, ldx, B, K, KP, 1, xq, xs);
+    int64_t chunk = 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < (N + chunk - 1) / chunk; c++) {
+        int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        gemv_q4_rows(&q, code16, code, bias, n0, n1, KP, xq, xs, (int)B, y, ldy);
+    }
+    free(xq);
+    free(xs);
+}
+
+/* out [n1 - n0, K] fp32 = rows n0..n1 of W (the first K of each row's KP columns). */
+void gf_dequant_q4(const uint8_t *packed, const float *absf, const uint8_t *absq, const float *absmax2,
+                   const float *code2, float offset, const float *code, int64_t n0, int64_t n1, int64_t K,
+                   int64_t KP, float *out, int nthreads) {
+    q4w q = {packed, absf, absq, absmax2, code2, offset};
+    int64_t nb = KP / QB;
+    float pairs[256][2] __attribute__((aligned(64)));
+    for (int i = 0; i < 256; i++) {
+        pairs[i][0] = code[i >> 4];
+        pairs[i][1] = code[i & 15];
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *pr = packed + n * (KP / 2);
+        float *o = out + (n - n0) * K;
+        for (int64_t j = 0; j < nb; j++) {
+            float am = block_absmax(&q, n * nb + j);
+            float lut[16];
+            for (int i = 0; i < 16; i++) lut[i] = code[i] * am;
+            int64_t k0 = j * QB;
+#if GF_AVX2
+            if (k0 + QB <= K) {
+                /* (code[hi], code[lo]) of each byte from a 256-entry pair table, times absmax: the same fp32
+                 * product as lut[] and the reference, 8 outputs per multiply. */
+                const uint8_t *pb = pr + j * (QB / 2);
+                __m256 va = _mm256_set1_ps(am);
+                for (int e = 0; e < QB / 2; e += 4) {
+                    __m128 p0 = _mm_castpd_ps(_mm_load_sd((const double *)pairs[pb[e]]));
+                    p0 = _mm_loadh_pi(p0, (const __m64 *)pairs[pb[e + 1]]);
+                    __m128 p1 = _mm_castpd_ps(_mm_load_sd((const double *)pairs[pb[e + 2]]));
+                    p1 = _mm_loadh_pi(p1, (const __m64 *)pairs[pb[e + 3]]);
+                    __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(p0), p1, 1);
+                    _mm256_storeu_ps(o + k0 + 2 * e, _mm256_mul_ps(v, va));
+                }
+                continue;
+            }
+#endif
+            if (k0 + QB <= K) {
+                for (int e = 0; e < QB / 2; e++) {
+                    uint8_t byte = pr[j * (QB / 2) + e];
+                    o[k0 + 2 * e] = lut[byte >> 4];
+                    o[k0 + 2 * e + 1] = lut[byte & 15];
+                }
+            } else {
+                for (int64_t k = k0; k < K; k++) {
+                    uint8_t byte = pr[k / 2];
+                    o[k] = lut[(k & 1) ? (byte & 15) : (byte >> 4)];
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* One entry point with the weight described once (a struct the caller keeps), so a call passes few arguments. */
+
+typedef struct {
+    int64_t kind; /* 0: int8 rows, 1: 4-bit blocks */
+    int64_t N, K, KP;
+    const void *w;        /* int8 [N, K] or packed uint8 [N, KP/2] */
+    const float *scale;   /* int8: per-row scale; 4-bit: fp32 absmax per block (NULL when double-quantized) */
+    const uint8_t *absq;  /* 4-bit, double-quantized: uint8 absmax codes */
+    const float *absmax2; /* per 256 blocks */
+    const float *code2;   /* 256-entry dynamic map */
+    const float *code;    /* 16-entry code book */
+    double offset;
+} gf_weight;
+
+void gf_gemv(const gf_weight *W, const float *bias, const float *x, int64_t ldx, int64_t B, float *y, int64_t ldy,
+             int nthreads) {
+    if (W->kind == 0)
+        gf_gemv_i8((const int8_t *)W->w, W->scale, bias, W->N, W->K, x, ldx, B, y, ldy, nthreads);
+    else
+        gf_gemv_q4((const uint8_t *)W->w, W->scale, W->absq, W->absmax2, W->code2, (float)W->offset, W->code, bias,
+                   W->N, W->K, W->KP, x, ldx, B, y, ldy, nthreads);
+}

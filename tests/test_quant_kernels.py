@@ -1,0 +1,133 @@
+"""The CPU kernels against the reference path (dequantize + fp32 matmul), over shapes, batch sizes and formats.
+
+Tolerances (written from the kernel's arithmetic, see gyrfalcon/kernels/quant_cpu.c):
+* matrix-vector (<= 8 rows): activations are rounded to int16 per block of 64 (error <= block max / 65534 each),
+  4-bit code values to multiples of 1/8191 (error <= absmax / 16382 each); products are exact in int32 and
+  blocks are summed in fp32. So |y - y_ref| <= sum_k |W[n,k]| xmax_blk(k) / 65534 + sum_k absmax[n,k] |x_k| / 16382
+  + fp32 rounding; the test allows 4x that bound plus 1e-5 relative to sum_k |W x|.
+* dequantization (the prefill tiles) is exact: bitwise equal to the reference dequantization.
+* prefill (> 8 rows): fp32 matmul of the exact weights: close to F.linear at fp32 matmul precision.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gyrfalcon.kernels import cpu
+from gyrfalcon.quant import int4
+from gyrfalcon.quant.linear import Int4Weight, Int8Weight, backend
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+SHAPES = [(1, 64), (37, 64), (50, 100), (129, 256), (16, 4544), (300, 33), (64, 1000)]
+BATCHES = [1, 2, 3, 5, 8]
+FORMATS = ["int8", "nf4", "fp4", "nf4-no-dq"]
+
+
+def _weight(fmt: str, w: torch.Tensor):
+    if fmt == "int8":
+        return Int8Weight.from_float(w)
+    if fmt == "nf4-no-dq":
+        return Int4Weight.from_float(w, "nf4", double_quant=False)
+    return Int4Weight.from_float(w, fmt)
+
+
+def _bound(qw, x: torch.Tensor) -> torch.Tensor:
+    """The error bound of the docstring, per output element, [B, N]."""
+    w = qw.dequantize(torch.float32).abs()
+    n, k = qw.shape
+    kp = int4.padded_width(k)
+    xp = F.pad(x.abs(), (0, kp - k))
+    xmax = xp.view(x.shape[0], -1, 64).amax(dim=2).repeat_interleave(64, dim=1)[:, :k]  # block max per element
+    bound = xmax @ w.t() / 65534
+    if isinstance(qw, Int4Weight):
+        absmax = qw.quant4bit().absmax_fp32().view(n, -1).repeat_interleave(64, dim=1)[:, :k]
+        bound = bound + x.abs() @ absmax.t() / 16382
+    return 4 * bound + 1e-5 * (x.abs() @ w.t()) + 1e-30
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_reference(fmt, shape):
+    n, k = shape
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, 0] = 1.0  # an outlier weight: one block with a large absmax
+    qw = _weight(fmt, w)
+    bias = torch.randn(n, generator=g)
+    for b in BATCHES:
+        x = torch.randn(b, k, generator=g)
+        x[:, k // 2] *= 30  # an outlier feature
+        ref = F.linear(x, qw.dequantize(torch.float32), bias)
+        y = qw.linear(x, bias)
+        err = (y - ref).abs()
+        bound = _bound(qw, x)
+        assert y.shape == (b, n) and y.dtype == torch.float32
+        assert bool((err <= bound).all()), f"{fmt} {shape} b={b}: max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(37, 64), (50, 100), (300, 33)])
+def test_dequantized_tiles_are_exact(fmt, shape):
+    n, k = shape
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.1
+    qw = _weight(fmt, w)
+    ref = qw.dequantize(torch.float32)
+    for a, b in [(0, n), (5, 17), (n - 1, n)]:
+        out = torch.empty(b - a, k)
+        qw._dequant_rows(cpu, a, b, out)
+        assert torch.equal(out, ref[a:b])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_prefill_tiles_match_reference(fmt, monkeypatch):
+    import gyrfalcon.quant.linear as lin
+
+    monkeypatch.setattr(lin, "_TILE_BYTES", 4096)  # many tiles, a short last one
+    w = torch.randn(203, 100, generator=torch.Generator().manual_seed(5)) * 0.05
+    qw = _weight(fmt, w)
+    bias = torch.randn(203)
+    x = torch.randn(2, 11, 100)  # 22 rows: the tiled path
+    ref = F.linear(x, qw.dequantize(torch.float32), bias)
+    torch.testing.assert_close(qw.linear(x, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_come_back_bf16():
+    qw = Int4Weight.from_float(torch.randn(64, 128) * 0.05, "nf4", compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    y = qw.linear(x)
+    assert y.dtype == torch.bfloat16
+    with backend("reference"):
+        ref = qw.linear(x)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_strided_input_rows():
+    qw = Int8Weight.from_float(torch.randn(32, 64) * 0.05)
+    big = torch.randn(4, 128)
+    x = big[:, ::2]  # not contiguous
+    torch.testing.assert_close(qw.linear(x), F.linear(x, qw.dequantize()), rtol=1e-3, atol=1e-3)
+
+
+def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setenv("GYRFALCON_CACHE_DIR", str(tmp_path))
+    first = cpu.build()
+    assert first.is_file() and first.parent == tmp_path / "kernels"
+    mtime = first.stat().st_mtime_ns
+    assert cpu.build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]  # no leftovers
+
+
+def test_no_compiler_falls_back_to_reference_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("GYRFALCON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setattr(cpu, "_error", None)
+    with pytest.warns(RuntimeWarning, match="reference path"):
+        assert not cpu.available()
+    qw = Int8Weight.from_float(torch.randn(16, 64))
+    x = torch.randn(1, 64)
+    assert torch.equal(qw.linear(x), F.linear(x, qw.dequantize()))  # the reference path, exactly
