@@ -77,6 +77,7 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc="eval",
+                mininterval=0.5,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tok [{elapsed}<{remaining}, "
                            "{rate_fmt}]")
 
