@@ -72,6 +72,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     progress: bool = True
     no_decay_names: tuple[str, ...] = ("A_log", "D")  # Mamba's state matrix and skip are not shrunk to zero
+    # Checkpoint only the parameters being trained (LoRA adapters): the frozen base is reloaded from its own files.
+    checkpoint_trainable_only: bool = False
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -351,12 +353,12 @@ def _fast_forward(batches: Iterator[Batch], n: int) -> None:
         next(batches)
 
 
-def _progress_bar(cfg: TrainConfig, start: int):
+def _progress_bar(cfg: TrainConfig, start: int, main: bool = True):
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
     # Redirected to a log file, a bar redrawn ten times a second would bloat it: refresh every 30 s instead.
-    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.progress,
+    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not (cfg.progress and main),
                 mininterval=0.1 if interactive else 30.0, file=sys.stderr)
 
 
@@ -368,6 +370,7 @@ def train(
     eval_batches: Iterable[Batch] | None = None,
     extra_state: dict[str, Any] | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    sync: GradSync | None = None,
 ) -> TrainResult:
     """Optimize `model` for `config.steps` optimizer steps; see the module docstring.
 
@@ -376,6 +379,9 @@ def train(
     `on_step(step, record)` is called after every optimizer step (step counts from 1), after any checkpoint of
     that step was written.
     With `config.resume` the loop continues from `checkpoint_dir/checkpoint.pt` when it exists.
+    `sync` makes the run data-parallel (see `GradSync`): each process accumulates its own micro-batches, the
+    gradients are averaged across processes before clipping, and only the main process writes checkpoints, the log
+    and the progress bar.
     """
     if config is None:
         raise TypeError("train() needs config=TrainConfig(steps=...)")
@@ -398,16 +404,17 @@ def train(
         resumed = load_checkpoint(ckpt_path)
         start, tokens, seconds = resumed["step"], resumed["tokens"], resumed["seconds"]
         _restore(resumed, model, optimizer, scheduler, batches, cfg)
-    log = _Log(cfg.log_path, start if resumed is not None else None)
+    main = sync is None or sync.is_main
+    log = _Log(cfg.log_path if main else None, start if resumed is not None else None)
 
     def checkpoint(step: int) -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or not main:
             return
         atomic_torch_save({
             "step": step,
             "tokens": tokens,
             "seconds": seconds + (time.perf_counter() - t0),
-            "model": model.state_dict(),
+            "model": _model_state(model, cfg.checkpoint_trainable_only),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": batches.state_dict() if hasattr(batches, "state_dict") else None,
@@ -418,13 +425,15 @@ def train(
 
     model.train()
     t0 = time.perf_counter()
-    bar = _progress_bar(cfg, start)
+    bar = _progress_bar(cfg, start, main)
     train_loss, eval_loss = None, None
     window: list[float] = []
     window_tokens, window_t = 0, time.perf_counter()
     try:
         for step in range(start, cfg.steps):
             loss_sum, n_tokens = _accumulate(model, batches, loss_fn, cfg.grad_accum, device)
+            if sync is not None:
+                loss_sum, n_tokens = sync(params, loss_sum, n_tokens)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0
                          else float("nan"))
             lr = optimizer.param_groups[0]["lr"]
@@ -449,7 +458,8 @@ def train(
             if eval_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 eval_loss = evaluate(model, eval_batches, loss_fn, device)
                 log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700.0))})
-                bar.write(f"step {done}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 700.0)):.2f})")
+                if main:
+                    bar.write(f"step {done}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 700.0)):.2f})")
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 checkpoint(done)
             bar.update(1)
@@ -479,7 +489,15 @@ def _accumulate(model: nn.Module, batches: Iterator[Batch], loss_fn: LossFn, gra
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[Batch], cfg: TrainConfig) -> None:
-    model.load_state_dict(state["model"])
+    if cfg.checkpoint_trainable_only:
+        result = model.load_state_dict(state["model"], strict=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = trainable & set(result.missing_keys)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the checkpoint does not match the trainable parameters (missing {sorted(missing)[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]})")
+    else:
+        model.load_state_dict(state["model"])
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     optimizer.load_state_dict(state["optimizer"])
@@ -491,6 +509,49 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
         batches.load_state_dict(state["sampler"])
     else:
         _fast_forward(batches, state["step"] * cfg.grad_accum)
+
+
+def _model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    if not trainable_only:
+        return model.state_dict()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class GradSync:
+    """Data-parallel gradient averaging over `torch.distributed` (gloo on CPU, NCCL on GPU), once per step.
+
+    The job DistributedDataParallel does, done after the last micro-batch of a step rather than inside backward:
+    the loop's forward may go around the wrapped module (packed batches call the blocks directly), and with
+    gradient accumulation only the last micro-batch needs a reduction anyway. All gradients travel as one flat
+    buffer (one collective per step). `__call__` also averages the logged loss and sums the token count.
+    """
+
+    def __init__(self, group: Any = None):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __call__(self, params: list[torch.Tensor], loss: float, tokens: int) -> tuple[float, int]:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss, float(tokens)], dtype=grads[0].dtype,
+                                                                          device=grads[0].device)])
+        self.dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = g
+            p.grad.copy_(flat[offset: offset + n].view_as(g))
+            offset += n
+        return flat[offset].item(), round(flat[offset + 1].item() * self.world)
 
 
 def _plain(obj: Any) -> Any:
