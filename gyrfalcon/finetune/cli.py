@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..train.loop import GradSync, TrainConfig, TrainResult, atomic_write_text, load_checkpoint, train
+from ..train.loop import GradSync, TrainConfig, TrainResult, atomic_write_text, evaluate, load_checkpoint, train
 from .data import (
     FORMATS,
     DataFormatError,
@@ -310,7 +310,7 @@ def save_outputs(a: argparse.Namespace, llm, model, lora_cfg, out: Path) -> None
         from ..train.cli import save_model_dir
 
         save_model_dir(model, llm.config, out, "fp32", llm.tokenizer.eos_token_id)
-        src = Path(llm.model_dir) if hasattr(llm, "model_dir") else None
+        src = Path(llm.path) if getattr(llm, "path", None) is not None else None
         if src is not None:
             for name in TOKENIZER_FILES:
                 if (src / name).is_file() and src.resolve() != out.resolve():
@@ -387,8 +387,15 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
     )
     commands = [*(saved["extra"].get("commands", []) if saved else []), shlex.join(["gyrfalcon", *sys.argv[1:]])]
     t0 = time.perf_counter()
+    # The held-out loss of the untouched model, the "before" of every comparison (a resumed run has it already).
+    eval_before = saved["extra"].get("eval_loss_before") if saved is not None else None
+    if held and saved is None:
+        eval_before = evaluate(wrapped, held, sft_loss, device)
+        if main:
+            print(f"held-out loss before training: {eval_before:.4f}", file=sys.stderr)
     result = train(wrapped, stream, sft_loss, cfg, eval_batches=held or None,
-                   extra_state={"run": fingerprint, "commands": commands}, sync=sync)
+                   extra_state={"run": fingerprint, "commands": commands, "eval_loss_before": eval_before},
+                   sync=sync)
     if main:
         save_outputs(a, llm, model, lora_cfg, out)
         png = write_loss_curve(result.history, out / "loss_curve.png",
@@ -396,7 +403,8 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
         summary = {
             "commands": commands, "run": fingerprint, "data": data_info, "world_size": world,
             "trainable_parameters": trainable, "total_parameters": total, "steps": result.step,
-            "tokens": result.tokens, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+            "tokens": result.tokens, "train_loss": result.train_loss, "eval_loss_before": eval_before,
+            "eval_loss": result.eval_loss,
             "seconds": result.seconds, "session_seconds": time.perf_counter() - t0,
             "loss_curve": "loss_curve.png" if png else None,
         }

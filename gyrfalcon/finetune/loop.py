@@ -164,6 +164,7 @@ class PackedCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.chunk_elements = LOSS_CHUNK_ELEMENTS
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         targets = batch["targets"]
@@ -171,7 +172,7 @@ class PackedCausalLM(nn.Module):
         n = int(keep.sum())
         if _is_falcon(self.model):
             h = packed_hidden(self.model, batch["input_ids"], batch["positions"], batch["segments"])
-            total = linear_cross_entropy(h[keep], self.model.lm_head, targets[keep])
+            total = linear_cross_entropy(h[keep], self.model.lm_head, targets[keep], self.chunk_elements)
         else:  # one document per row, right-padded: causal, so padding never reaches a real token
             logits = self.model(batch["input_ids"])
             total = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
