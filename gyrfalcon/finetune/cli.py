@@ -138,21 +138,25 @@ def validate_args(a: argparse.Namespace) -> None:
         _require(dev.type != "cuda" or torch.cuda.is_available(), f"--device {a.device}: CUDA is not available")
     if a.fsdp:
         _require(torch.cuda.is_available(), "--fsdp needs CUDA (use plain torchrun data parallelism on CPU)")
+        _require(not a.resume, "--fsdp runs keep no checkpoints: --resume is not available with it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # distributed
 
 
-def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
+def init_distributed(device_arg: str | None, force: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a single process without it (unless `force`:
+    FSDP needs a process group even for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device_arg is not None:
         device = torch.device(device_arg)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
+    if world == 1 and not force:
         return 0, 1, device
+    if "MASTER_ADDR" not in os.environ:
+        raise ValueError("--fsdp runs under torchrun: torchrun --nproc-per-node N -m gyrfalcon.cli finetune ...")
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -332,11 +336,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, force=args.fsdp)
     try:
         result = _run(args, rank, world, device)
     finally:
-        if world > 1:
+        if world > 1 or args.fsdp:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -367,11 +371,10 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
                                          world=world)
     wrapped = PackedCausalLM(model)
     sync = None
-    if world > 1:
-        if a.fsdp:
-            wrapped = _fsdp_wrap(wrapped)
-        else:
-            sync = GradSync()
+    if a.fsdp:
+        wrapped = _fsdp_wrap(wrapped)
+    elif world > 1:
+        sync = GradSync()
     trainable, total = trainable_parameters(model)
     if main:
         what = "full" if a.full else f"LoRA r={a.lora_r}" + (f" over {a.quantize}" if a.quantize else "")
@@ -381,7 +384,9 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
         steps=a.steps, lr=a.lr, min_lr=a.min_lr if a.min_lr is not None else a.lr / 10, warmup=a.warmup,
         schedule=a.schedule, decay_fraction=a.decay_fraction, decay_shape=a.decay_shape,
         weight_decay=a.weight_decay, grad_accum=a.grad_accum, grad_clip=a.grad_clip, eval_every=a.eval_every,
-        save_every=a.save_every, checkpoint_dir=str(ckpt_dir), log_path=str(out / "train_log.jsonl"),
+        # Sharded (FSDP) state would need a collective checkpoint writer: such runs keep no checkpoints.
+        save_every=a.save_every, checkpoint_dir=None if a.fsdp else str(ckpt_dir),
+        log_path=str(out / "train_log.jsonl"),
         resume=a.resume, seed=a.seed, device=str(device), gradient_checkpointing=a.grad_checkpointing,
         progress=not a.no_progress, checkpoint_trainable_only=not a.full,
     )
@@ -396,6 +401,8 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
     result = train(wrapped, stream, sft_loss, cfg, eval_batches=held or None,
                    extra_state={"run": fingerprint, "commands": commands, "eval_loss_before": eval_before},
                    sync=sync)
+    if a.fsdp:
+        _fsdp_gather(wrapped)  # every process takes part; afterwards the parameters are whole everywhere
     if main:
         save_outputs(a, llm, model, lora_cfg, out)
         png = write_loss_curve(result.history, out / "loss_curve.png",
@@ -426,3 +433,12 @@ def _fsdp_wrap(wrapped: torch.nn.Module) -> torch.nn.Module:
         fully_shard(block)
     fully_shard(wrapped)
     return wrapped
+
+
+def _fsdp_gather(wrapped: torch.nn.Module) -> None:
+    """All-gather every sharded module's parameters in place (FSDP2 swaps the whole tensors in until `reshard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in wrapped.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
