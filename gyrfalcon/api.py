@@ -213,6 +213,7 @@ def load(
     revision: str | None = None,
     quantize: str | None = None,
     skip: Sequence[str] | str = (),
+    adapter: str | Path | None = None,
 ) -> LLM:
     """Load a Falcon / Falcon-Mamba checkpoint from a local dir or a hub id (resolved through the HF cache).
 
@@ -223,6 +224,10 @@ def load(
     near the quantized size); `dtype` is then the compute dtype. skip: modules kept in full precision (names,
     suffixes such as "lm_head", or patterns). A checkpoint written by `gyrfalcon quantize` loads quantized with
     no flag. See `gyrfalcon.quant`.
+
+    adapter: a LoRA adapter dir in PEFT's format (`gyrfalcon finetune`'s output, or peft's `save_pretrained`).
+    Over a float base it is merged into the weights (full speed, same logits up to rounding); over a quantized
+    base it stays a separate low-rank path, as it was trained (QLoRA). See `gyrfalcon.finetune`.
     """
     model_dir = resolve_model_dir(path_or_id if path_or_id is not None else DEFAULT_MODEL, revision=revision)
     config = load_config(model_dir)
@@ -232,5 +237,14 @@ def load(
     model = build_model(config)
     # Plain, quantizing while streaming, or a quantized checkpoint (recognized from its metadata).
     load_into(model, model_dir, dtype, device, quantize, skip)
+    if adapter is not None:
+        from .finetune import load_adapter, lora_modules, merge_lora
+        from .quant import QuantLinear
+
+        # fp32 matrices for a merge (the sum is rounded once, to the base's dtype); the compute dtype otherwise.
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        load_adapter(model, adapter, dtype=None if quantized else torch.float32)
+        if not any(isinstance(m.base, QuantLinear) for _, m in lora_modules(model)):
+            merge_lora(model)
     model.eval()
     return LLM(model, tokenizer, config, model_dir)

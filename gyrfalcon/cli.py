@@ -26,6 +26,9 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="with --quantize: keep this module in full precision (name, suffix such as lm_head, or "
                         "pattern; repeatable or comma-separated)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="apply a LoRA adapter (PEFT format, e.g. from `gyrfalcon finetune`): merged into a float "
+                        "model, kept separate over a quantized one")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -54,7 +57,8 @@ def _load(args: argparse.Namespace):
 
     model = getattr(args, "model_pos", None) or args.model
     return load(model, device=args.device, dtype=args.dtype, revision=args.revision,
-                quantize=getattr(args, "quantize", None), skip=getattr(args, "skip", ()))
+                quantize=getattr(args, "quantize", None), skip=getattr(args, "skip", ()),
+                adapter=getattr(args, "adapter", None))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -208,6 +212,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    from .finetune.merge import add_merge_arguments
+
+    add_merge_arguments(p)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .finetune.merge import run_merge as run
+
+    return run(args)
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from .eval.cli import add_arguments
 
@@ -237,6 +253,8 @@ COMMANDS: dict[str, tuple[str, Args, Run]] = {
                  _quantize_args, run_quantize),
     "bench": ("measure memory, load time and generation speed per quantization mode (JSON, CSV, PNG, table)",
               _bench_args, run_bench),
+    "merge": ("fold a LoRA adapter into its base model and write an ordinary checkpoint (optionally quantized)",
+              _merge_args, run_merge),
     "eval": ("score Open LLM Leaderboard tasks (ARC, HellaSwag, MMLU, TruthfulQA, WinoGrande, GSM8K) and "
              "perplexity, with lm-eval's numbers", _eval_args, run_eval),
 }

@@ -420,11 +420,29 @@ class QuantLinear(_QuantModule):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _InputGradLinear.apply(x, self)
         return self.weight.linear(x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.weight.format}" + (", tied" if self.tied else ""))
+
+
+class _InputGradLinear(torch.autograd.Function):
+    """A frozen quantized Linear inside a graph that trains something else (QLoRA's adapters, before it or around
+    it): forward is the module's usual product (the fast kernels have no autograd of their own); backward gives the
+    input's gradient dy @ W with W dequantized only then, and nothing for the frozen W or bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.weight.linear(x, module.bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w = ctx.module.weight.dequantize(grad_out.dtype)
+        return grad_out @ w, None
 
 
 class Int8Linear(QuantLinear):
