@@ -267,3 +267,23 @@ def test_merge_into_quantized_base_requantizes_the_sum(mode):
     rel = (merged - unmerged).abs().max() / unmerged.abs().max()
     assert rel < (0.35 if mode == "nf4" else 0.05)
     assert getattr(model, "_gyrfalcon_quant", None) is not None  # still saves as a quantized checkpoint
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_on_cuda_bf16():
+    model = ours_falcon("40b-grouped").to("cuda", torch.bfloat16)  # as gyrfalcon.load(dtype="bf16", quantize=)
+    quantize_model(model, "nf4")
+    x = ids(131).cuda()
+    ref = logits(model, x).float()
+    apply_lora(model, LoraConfig(r=4), dtype=torch.float32)
+    assert model.transformer.h[0].mlp.dense_h_to_4h.lora_A.weight.device.type == "cuda"
+    assert (logits(model, x).float() - ref).abs().max().item() < 1e-2  # bf16 outputs, fp32 zero adapter added
+    randomize_b(model)
+    model(x).float().logsumexp(-1).mean().backward()
+    grads = [p.grad for p in lora_parameters(model)]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    unmerged = logits(model, x).float()
+    merge_lora(model)
+    rel = (logits(model, x).float() - unmerged).abs().max() / unmerged.abs().max()
+    assert rel < 0.35

@@ -143,6 +143,31 @@ def test_falcon_mamba_round_trip_with_peft(tmp_path):
         assert (ours2(x) - pm2(x).logits).abs().max().item() < PEFT_ATOL
 
 
+def test_default_mamba_adapter_warns_that_peft_refuses_out_proj(tmp_path):
+    from .test_lora import ours_mamba
+
+    model = apply_lora(ours_mamba(), LoraConfig(r=2))
+    with pytest.warns(UserWarning, match="out_proj"):
+        save_adapter(model, None, tmp_path)
+    # it still round-trips here
+    randomize_b(model)
+    save_adapter(model, None, tmp_path)
+    again = load_adapter(ours_mamba(), tmp_path)
+    x = ids(97)
+    with torch.no_grad():
+        assert (again(x) - model(x)).abs().max().item() < PEFT_ATOL
+
+
+def test_legacy_bin_adapter(tmp_path):
+    hf, _ = hf_falcon("7b-multi-query")
+    pm = peft_model(hf, ["dense_h_to_4h"])
+    pm.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / WEIGHTS_NAME).exists()
+    x = ids(131)
+    with torch.no_grad():
+        assert (load_adapter(ours_falcon(), tmp_path)(x) - pm(x).logits).abs().max().item() < PEFT_ATOL
+
+
 def test_resume_loads_into_existing_adapters(tmp_path):
     a = apply_lora(ours_falcon(), LoraConfig(r=4))
     randomize_b(a, seed=9)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,6 +212,9 @@ def save_adapter(model: nn.Module, cfg: LoraConfig | None, out_dir: str | Path, 
         if any("." in t for t in cfg.target_modules):
             targets = sorted(cfg.target_modules)
     config = peft_config_dict(cfg, targets, base_model_name)
+    if getattr(getattr(model, "config", None), "model_type", None) == "falcon_mamba" and "out_proj" in leaves:
+        warnings.warn("this Falcon-Mamba adapter targets out_proj, which peft refuses on Mamba models: it loads in "
+                      "gyrfalcon but not in peft; target in_proj,x_proj for an adapter peft loads too", stacklevel=2)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
