@@ -178,6 +178,8 @@ def test_bad_targets_name_the_module():
         apply_lora(model, LoraConfig())
     with pytest.raises(LoraError, match="rank"):
         LoraConfig(r=0)
+    with pytest.raises(LoraError, match="not a valid regular expression"):
+        LoraConfig(target_modules="dense[")
     with pytest.raises(LoraError, match="dropout"):
         LoraConfig(dropout=1.5)
     with pytest.raises(LoraError, match="no default LoRA targets"):

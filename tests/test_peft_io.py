@@ -320,6 +320,28 @@ def test_cli_merge_then_generate_with_and_without_adapter(bundled_adapter, tmp_p
     assert rel < 0.35  # nf4 rounding of the merged weights (tests/test_quant.py's bound for nf4)
 
 
+def test_cli_merge_into_a_quantized_checkpoint(bundled_adapter, tmp_path, capsys):
+    import gyrfalcon
+    from gyrfalcon.quant import QuantLinear
+
+    adapter, prompt, _ = bundled_adapter
+    qdir = tmp_path / "int8"
+    assert main(["quantize", str(gyrfalcon.api.DEFAULT_MODEL), str(qdir), "--mode", "int8"]) == 0
+    unmerged = gyrfalcon.load(qdir, adapter=adapter)  # adapter kept separate over the quantized base
+    assert isinstance(unmerged.model.transformer.h[0].self_attention.dense, LoraLinear)
+    out = tmp_path / "merged"
+    assert main(["merge", str(qdir), str(adapter), str(out)]) == 0
+    merged = gyrfalcon.load(out)
+    assert isinstance(merged.model.transformer.h[0].self_attention.dense, QuantLinear)
+    ref = unmerged.logits(prompt)
+    # one more int8 rounding of the merged weights (per-row absmax: ~1/254 of a row's largest weight)
+    assert (merged.logits(prompt) - ref).abs().max() / ref.abs().max() < 0.05
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["merge", str(qdir), str(adapter), str(tmp_path / "x"), "--quantize", "nf4"])
+    assert "already quantized (int8)" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_cli_bad_adapter_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "hi", "-n", "2", "--adapter", str(tmp_path / "missing")])

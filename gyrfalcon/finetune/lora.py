@@ -59,6 +59,12 @@ class LoraConfig:
             raise LoraError(f"LoRA alpha must be a number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise LoraError(f"target_modules={self.target_modules!r} is not a valid regular expression "
+                                f"({exc}); give a list of names for plain matching") from None
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             names = tuple(self.target_modules)
             if not names or not all(isinstance(n, str) and n for n in names):
