@@ -4,8 +4,9 @@ This is the one generation loop of gyrfalcon. `Generation` (runtime/generate.py:
 evaluation, the benchmarks) drives it with a pool sized to hold its whole batch and an unlimited token budget,
 so every step advances every sequence by one token; the server (gyrfalcon/server) drives it with a fixed pool
 (--kv-cache-bytes), a token budget and requests that come and go. The per-token rules live here only: the
-token choice (sampling.choose_token with a per-sequence generator seeded from the request's seed, + j for the
-j-th of n), the repetition-penalty mask, and the finish reasons (eos, length, or stop/cancel on request).
+token choice (sampling.choose_tokens, batched, equal to choose_token row by row, with a per-sequence generator
+seeded from the request's seed, + j for the j-th of n), the repetition-penalty mask, and the finish reasons
+(eos, length, or stop/cancel on request).
 
 A step:
     1. the scheduler (plain Python, scheduler.py) picks (sequence, n tokens) pairs within the budget and
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..config import FalconMambaConfig
 from .kv_pool import PagedKVPool, StateSlots
-from .sampling import SamplingParams, choose_token, make_generator
+from .sampling import SamplingParams, choose_tokens, make_generator
 from .scheduler import BlockManager, Scheduler, SchedulerOutput, Sequence
 
 UNLIMITED = 1 << 62
@@ -196,7 +197,7 @@ class Engine:
                     for r, (s, _) in enumerate(rows):
                         logits[s.seq_id] = last[r]
                     if any(self.states[s.seq_id].params.greedy for s, _ in rows):
-                        # One argmax for the pass: the same choice choose_token makes for a greedy row.
+                        # One argmax for the pass: the same choice choose_tokens makes for a greedy row.
                         argmax.update(zip((s.seq_id for s, _ in rows), last.argmax(-1).tolist(), strict=True))
             ready = self.scheduler.commit(out)
             return self._sample([self.states[s.seq_id] for s in ready], logits, argmax)
@@ -223,11 +224,15 @@ class Engine:
     def _sample(self, states: list[SeqState], logits: dict[int, torch.Tensor],
                 argmax: dict[int, int]) -> list[TokenEvent]:
         events = []
+        # Every row that is not plain greedy is chosen in one batched call (one topk for all top-p rows...).
+        need = [s for s in states if not (s.params.greedy and s.seen is None)]
+        chosen = {}
+        if need:
+            toks = choose_tokens(torch.stack([logits[s.index] for s in need]), [s.params for s in need],
+                                 [s.seen for s in need], [s.generator for s in need])
+            chosen = dict(zip((s.index for s in need), toks, strict=True))
         for s in states:
-            if s.params.greedy and s.seen is None:
-                tok = argmax[s.index]
-            else:
-                tok = choose_token(logits[s.index], s.params, s.seen, s.generator)
+            tok = chosen[s.index] if s.index in chosen else argmax[s.index]
             s.tokens.append(tok)
             if s.seen is not None:
                 s.seen[tok] = True

@@ -1,9 +1,19 @@
-"""Sampling parameters and the next-token choice for one row of logits."""
+"""Sampling parameters and the next-token choice: `choose_token` for one row of logits (the reference) and
+`choose_tokens` for a batch of rows (what the engine runs).
+
+Both make the same choice for a row, bit for bit: the batched path runs the same per-row operations, only
+batched where a batched kernel gives every row exactly the result the row alone gets (argmax, softmax and
+cumsum along the last dim, topk), and draws each sampled row's token with that row's own generator from that
+row's own probabilities. What it saves is the full vocabulary sort of top-p: it looks at the best
+`TOP_P_CANDIDATES` tokens (one batched topk) and sorts everything only for the rows whose nucleus is not
+settled inside them (see `_top_p_drop`).
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,19 +96,87 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+# Top-p looks at this many best tokens first; a row whose nucleus is not settled among them is sorted in full.
+TOP_P_CANDIDATES = 256
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) what top-k and nucleus (top-p) filtering remove; always keeps the best token."""
+    """Mask (to -inf) what top-k and nucleus (top-p) filtering remove from one row; always keeps the best token.
+
+    Nucleus: rank the tokens by logit (ties by token id, a stable sort) and drop a token when the tokens ranked
+    before it already hold top_p of the probability mass. The probabilities are those of the whole row in
+    token order, so they do not depend on how the row was sorted."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked before it already hold top_p of the mass.
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        probs = logits.softmax(-1)
+        order = torch.sort(logits, descending=True, stable=True).indices
+        sorted_probs = probs[order]
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _top_p_drop(logits: torch.Tensor, top_p: Sequence[float], candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """[B, V] bool: what `filter_top_k_top_p`'s nucleus step drops from each row, without sorting whole rows.
+
+    The best `candidates` tokens of every row come from one topk. A row is settled by them when the mass before
+    the last candidate already reaches top_p: every token ranked after it has a probability no larger and a
+    cumulative sum no smaller, so it is dropped too (cumsum accumulates in order, so the candidates' prefix sums
+    are the sorted row's own). Tokens with equal logits have equal probabilities, so the order topk gives ties
+    matters only where the cut falls between two of them; such a row, and an unsettled one, is sorted in full
+    like the reference."""
+    n, vocab = logits.shape
+    probs = logits.softmax(-1)
+    drop = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
+    k = min(candidates, vocab)
+    vals, order = torch.topk(logits, k, dim=-1)
+    sorted_probs = probs.gather(-1, order)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    full: list[int] = []
+    for r, p in enumerate(top_p):
+        d = before[r] >= p  # the reference's comparison, with the same Python float
+        d[0] = False
+        ties = vals[r, 1:] == vals[r, :-1]
+        settled = k == vocab or (k > 1 and bool(d[-1]))
+        if settled and not bool((ties & (d[1:] != d[:-1])).any()):
+            drop[r] = True
+            drop[r].scatter_(0, order[r], d)
+        else:
+            full.append(r)
+    if full:
+        rows = torch.tensor(full, device=logits.device)
+        sub_order = torch.sort(logits[rows], dim=-1, descending=True, stable=True).indices
+        sub_probs = probs[rows].gather(-1, sub_order)
+        sub_before = sub_probs.cumsum(-1) - sub_probs
+        for i, r in enumerate(full):
+            d = sub_before[i] >= top_p[r]
+            d[0] = False
+            drop[r] = torch.zeros_like(d).scatter(0, sub_order[i], d)
+    return drop
+
+
+def filter_top_k_top_p_rows(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+    """`filter_top_k_top_p` for every row of logits [B, V] with its own top_k and top_p: one topk for the
+    top-k rows and one for the top-p rows (see `_top_p_drop`)."""
+    n, vocab = logits.shape
+    k_rows = [r for r in range(n) if top_k[r] and top_k[r] < vocab]
+    if k_rows:
+        rows = torch.tensor(k_rows, device=logits.device)
+        best = torch.topk(logits[rows], max(top_k[r] for r in k_rows), dim=-1).values
+        # The k-th largest value of a row does not depend on how topk orders ties.
+        kth = best.gather(-1, torch.tensor([[top_k[r] - 1] for r in k_rows], device=logits.device))
+        logits = logits.clone()
+        logits[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
+    p_rows = [r for r in range(n) if top_p[r] < 1.0]
+    if p_rows:
+        rows = torch.tensor(p_rows, device=logits.device)
+        drop = _top_p_drop(logits[rows], [top_p[r] for r in p_rows])
+        logits = logits.clone() if not k_rows else logits
+        logits[rows] = logits[rows].masked_fill(drop, float("-inf"))
     return logits
 
 
@@ -112,3 +190,51 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[torch.Tensor | None],
+                  generators: Sequence[torch.Generator | None]) -> list[int]:
+    """`choose_token` for every row of logits [B, V] (fp32) with its own parameters, seen-mask and generator,
+    giving the same tokens. Greedy rows take one batched argmax; sampled rows share the top-k / top-p work
+    (filter_top_k_top_p_rows) and one softmax, then each draws with its own generator from its own row."""
+    n = logits.shape[0]
+    if not (len(params) == len(seen) == len(generators) == n):
+        raise ValueError(f"{n} rows of logits but {len(params)} params, {len(seen)} masks, {len(generators)} "
+                         "generators")
+    penalized = [r for r in range(n) if seen[r] is not None and params[r].repetition_penalty != 1.0]
+    if penalized:
+        logits = logits.clone()
+        for r in penalized:
+            logits[r] = apply_repetition_penalty(logits[r], seen[r], params[r].repetition_penalty)
+    out = [0] * n
+    greedy = [r for r in range(n) if params[r].greedy]
+    if greedy:
+        best = logits[torch.tensor(greedy, device=logits.device)].argmax(-1).tolist()
+        for r, t in zip(greedy, best, strict=True):
+            out[r] = t
+    sampled = [r for r in range(n) if not params[r].greedy]
+    if sampled:
+        # Row by row, as choose_token divides: a cheap elementwise op, and the same rounding by construction.
+        scaled = torch.stack([logits[r] / params[r].temperature for r in sampled])
+        scaled = filter_top_k_top_p_rows(scaled, [params[r].top_k for r in sampled],
+                                         [params[r].top_p for r in sampled])
+        probs = torch.softmax(scaled, dim=-1)
+        draws = _draw(probs, [generators[r] for r in sampled])
+        for r, t in zip(sampled, draws, strict=True):
+            out[r] = t
+    return out
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of probs [B, V], each row with its own generator: torch.multinomial(row, 1, generator=g)
+    row by row. On CPU it is done as torch.multinomial itself does it for one sample (argmax of p / q with
+    q ~ Exp(1), the V draws of q from the row's generator), with the division and the argmax batched; the test of
+    choose_tokens against choose_token would fail if a torch release drew differently. Elsewhere, row by row."""
+    if probs.device.type != "cpu" or probs.dtype != torch.float32:
+        return [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(generators)]
+    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
+        raise ValueError("probabilities must be finite and non-negative")  # what multinomial would refuse
+    q = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        q[i].exponential_(1, generator=g)
+    return (probs / q).argmax(-1).tolist()
