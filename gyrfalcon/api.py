@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from .models import build_model
 from .quant.swap import load_into
 from .runtime.generate import Generation
 from .runtime.sampling import SamplingParams
+from .text_stream import TextState
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import resolve_model_dir
 
@@ -41,45 +42,6 @@ class StreamEvent:
     index: int = 0
     finished: bool = False
     finish_reason: str | None = None
-
-
-@dataclass
-class _TextState:
-    """Incremental text of one sequence, with stop strings held back until they cannot match any more."""
-
-    decoder: StreamDecoder
-    stops: tuple[str, ...]
-    text: str = ""
-    emitted: int = 0
-    stopped: bool = field(default=False)
-
-    def push(self, token_id: int | None, final: bool) -> str:
-        if token_id is not None:
-            self.text += self.decoder.push(token_id)
-        if final:
-            self.text += self.decoder.flush()
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-        end = len(self.text)
-        if not (final or self.stopped):
-            end -= self._held_back()
-        end = max(end, self.emitted)
-        out = self.text[self.emitted : end]
-        self.emitted = end
-        return out
-
-    def _held_back(self) -> int:
-        """Characters at the end of the text that could be the start of a stop string."""
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(stop[:n]):
-                    hold = n
-                    break
-        return hold
 
 
 def default_device() -> torch.device:
@@ -156,23 +118,21 @@ class LLM:
         ids = [self.encode(p) for p in prompts]
         return Generation(self.model, ids, params, self.eos_token_ids, self.max_context), ids
 
-    def _text_states(self, gen: Generation, ids: list[list[int]]) -> dict[int, _TextState]:
+    def _text_states(self, gen: Generation, ids: list[list[int]]) -> dict[int, TextState]:
         n = gen.params.num_return_sequences
-        return {s.index: _TextState(StreamDecoder(self.tokenizer, ids[s.index // n]), gen.params.stop)
+        return {s.index: TextState(StreamDecoder(self.tokenizer, ids[s.index // n]), gen.params.stop)
                 for s in gen.sequences}
 
     @staticmethod
-    def _events(gen: Generation, states: dict[int, _TextState]) -> Iterator[list[StreamEvent]]:
+    def _events(gen: Generation, states: dict[int, TextState]) -> Iterator[list[StreamEvent]]:
         for events in gen:
             out = []
             for ev in events:
-                st = states[ev.index]
-                # An EOS token ends the sequence but is not part of its text.
-                text = st.push(None if ev.finish_reason == "eos" else ev.token_id, final=ev.finished)
-                if st.stopped and not ev.finished:
+                # The rules of text_stream: EOS is not text; a stop string ends the sequence before the next step.
+                text, finished, reason = states[ev.index].on_token(ev.token_id, ev.finished, ev.finish_reason)
+                if finished and not ev.finished:
                     gen.finish(ev.index, "stop")
-                    ev.finished, ev.finish_reason = True, "stop"
-                    text += st.push(None, final=True)
+                ev.finished, ev.finish_reason = finished, reason
                 out.append(StreamEvent(text, ev.token_id, ev.index, ev.finished, ev.finish_reason))
             yield out
 

@@ -16,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -241,6 +242,65 @@ def test_generate_details_and_full_text(live, llm):
     assert r.status_code == 200 and "details" not in r.json()
 
 
+def _reference_logprobs(llm, prompt: str, tokens: list[int]) -> list[torch.Tensor]:
+    """log-softmax of the model's logits before each generated token (one forward over prompt + tokens)."""
+    ids = llm.tokenizer.encode(prompt) + tokens
+    logp = torch.log_softmax(llm.logits(ids), dim=-1)
+    start = len(ids) - len(tokens) - 1
+    return [logp[start + i] for i in range(len(tokens))]
+
+
+def test_logprobs_tgi_details_stream_and_top_tokens(live, llm):
+    params = {"max_new_tokens": 6, "details": True, "top_n_tokens": 3, "do_sample": True, "seed": 5}
+    r = live.http.post("/generate", json={"inputs": PROMPT, "parameters": params}).json()
+    tokens = r["details"]["tokens"]
+    ref = _reference_logprobs(llm, PROMPT, [t["id"] for t in tokens])
+    for t, top, lp in zip(tokens, r["details"]["top_tokens"], ref, strict=True):
+        assert t["logprob"] == pytest.approx(float(lp[t["id"]]), abs=1e-4)
+        best = torch.topk(lp, 3)
+        assert [x["id"] for x in top] == best.indices.tolist()
+        assert [x["logprob"] for x in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    stream = live.http.post("/generate_stream", json={"inputs": PROMPT, "parameters": params})
+    events = [json.loads(e) for e in sse_events(stream.text)]
+    assert [e["token"]["logprob"] for e in events] == [t["logprob"] for t in tokens]
+    assert [e["top_tokens"] for e in events] == r["details"]["top_tokens"]
+    plain = live.http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}})
+    assert all(isinstance(t["logprob"], float) for t in plain.json()["details"]["tokens"])
+    assert plain.json()["details"]["top_tokens"] is None
+
+
+def test_logprobs_openai_completions_and_chat(live, llm):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(model="x", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = llm.generate(PROMPT, max_new_tokens=5, temperature=0.0)[0].token_ids
+    ref = _reference_logprobs(llm, PROMPT, ids)
+    assert lp.tokens == [llm.tokenizer.decode([i]) for i in ids]
+    assert lp.token_logprobs == pytest.approx([float(x[i]) for x, i in zip(ref, ids, strict=True)], abs=1e-4)
+    assert all(len(t) <= 2 and max(t.values()) == pytest.approx(v, abs=1e-6)  # greedy: the token is the best
+               for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    stream = client.completions.create(model="x", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                       stream=True)
+    streamed = [x for c in stream for ch in c.choices if ch.logprobs for x in ch.logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model="x", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)
+               and bytes(c.bytes).decode() == c.token for c in content)
+    stream = client.chat.completions.create(model="x", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                            stream=True)
+    streamed = [x.logprob for c in stream for ch in c.choices if ch.logprobs for x in ch.logprobs.content]
+    assert streamed == [c.logprob for c in content]
+    r = client.chat.completions.create(model="x", messages=messages, max_tokens=2, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
 def test_info_tokenize_models_openapi_and_page(live, llm):
     info = live.http.get("/info").json()
     assert info["model_id"] == "random-falcon" and info["max_total_tokens"] == llm.max_context
@@ -297,6 +357,7 @@ TGI_CASES = [
     ("watermark", {"inputs": "x", "parameters": {"watermark": True}}, "parameters.watermark"),
     ("grammar", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {}}}}, "parameters.grammar"),
     ("truncate zero", {"inputs": "x", "parameters": {"truncate": 0}}, "parameters.truncate"),
+    ("top_n_tokens absurd", {"inputs": "x", "parameters": {"top_n_tokens": 50}}, "parameters.top_n_tokens"),
 ]
 
 OPENAI_CASES = [
@@ -313,7 +374,8 @@ OPENAI_CASES = [
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, "stop"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "foo": 1}, "foo"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {}, "messages"),
@@ -325,6 +387,9 @@ OPENAI_CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
 ]
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import FalconMambaConfig
 from .kv_pool import PagedKVPool, StateSlots
-from .sampling import SamplingParams, choose_tokens, make_generator
+from .sampling import SamplingParams, choose_tokens, make_generator, token_logprobs
 from .scheduler import BlockManager, Scheduler, SchedulerOutput, Sequence
 
 UNLIMITED = 1 << 62
@@ -41,6 +41,8 @@ class TokenEvent:
     token_id: int
     finished: bool = False
     finish_reason: str | None = None  # "eos" | "length" | "stop" (or the reason given to `finish`)
+    logprob: float | None = None  # with SamplingParams.logprobs: log p(token) under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # the SamplingParams.logprobs most likely (id, log p)
 
 
 @dataclass(eq=False)
@@ -231,8 +233,14 @@ class Engine:
             toks = choose_tokens(torch.stack([logits[s.index] for s in need]), [s.params for s in need],
                                  [s.seen for s in need], [s.generator for s in need])
             chosen = dict(zip((s.index for s in need), toks, strict=True))
-        for s in states:
-            tok = chosen[s.index] if s.index in chosen else argmax[s.index]
+        toks = [chosen[s.index] if s.index in chosen else argmax[s.index] for s in states]
+        scored = [(s, t) for s, t in zip(states, toks, strict=True) if s.params.logprobs is not None]
+        logprobs = {}
+        if scored:
+            logprobs = dict(zip((s.index for s, _ in scored), token_logprobs(
+                torch.stack([logits[s.index] for s, _ in scored]), [t for _, t in scored],
+                [s.params.logprobs for s, _ in scored]), strict=True))
+        for s, tok in zip(states, toks, strict=True):
             s.tokens.append(tok)
             if s.seen is not None:
                 s.seen[tok] = True
@@ -242,7 +250,10 @@ class Engine:
                 s.finish_reason = "length"
             elif self.capacity_tokens is not None and s.sched.num_tokens >= self.capacity_tokens:
                 s.finish_reason = "length"  # the pool cannot hold one more token for this sequence
-            events.append(TokenEvent(s.index, tok, s.finish_reason is not None, s.finish_reason))
+            ev = TokenEvent(s.index, tok, s.finish_reason is not None, s.finish_reason)
+            if s.index in logprobs:
+                ev.logprob, ev.top_logprobs = logprobs[s.index]
+            events.append(ev)
             if s.finish_reason is not None:
                 self._retire(s)
         return events

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+
 
 class ParamError(ValueError):
     """A generation parameter out of range; the message names the field."""
@@ -30,6 +32,9 @@ class SamplingParams:
     seed: makes sampling reproducible; every sequence gets its own generator seeded from it (sequence j of a
     prompt uses seed + j), so a sequence's tokens do not depend on what else is in the batch.
     stop: strings that end a sequence (the stop string itself is not part of the text).
+    logprobs: None, or report each generated token's log-probability and this many of the most likely
+    alternatives (0: the token's own only). They are those of the model's distribution (log-softmax of its
+    logits), before the repetition penalty, temperature and top-k / top-p shape the choice.
     """
 
     max_new_tokens: int = 64
@@ -42,6 +47,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     num_return_sequences: int = 1
+    logprobs: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +71,8 @@ class SamplingParams:
         check("seed", self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "must be in [0, 2^63)")
         check("num_return_sequences", is_int(self.num_return_sequences) and 1 <= self.num_return_sequences <= 256,
               "must be an integer in [1, 256]")
+        check("logprobs", self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -238,3 +246,20 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     for i, g in enumerate(generators):
         q[i].exponential_(1, generator=g)
     return (probs / q).argmax(-1).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int],
+                   top: Sequence[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of logits [B, V]: (log p(tokens[r]), the top[r] most likely (token, log p), best first) under
+    the model's distribution (log-softmax of the raw logits). One log-softmax and one topk for the batch."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(top, default=0)
+    best_v, best_i = (torch.topk(logp, k, dim=-1) if k else (None, None))
+    out = []
+    for r, lp in enumerate(picked):
+        alts = []
+        if top[r]:
+            alts = list(zip(best_i[r, : top[r]].tolist(), best_v[r, : top[r]].tolist(), strict=True))
+        out.append((lp, alts))
+    return out

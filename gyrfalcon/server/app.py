@@ -442,7 +442,37 @@ class _Handlers:
     def token(self, c: Chunk) -> dict:
         special = c.token_id in self.special_ids
         text = self.llm.tokenizer.decode([c.token_id]) if special else c.text
-        return {"id": c.token_id, "text": text, "logprob": None, "special": special}
+        return {"id": c.token_id, "text": text, "logprob": c.logprob, "special": special}
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (log-probability listings name tokens by it)."""
+        return self.llm.tokenizer.decode([token_id])
+
+    def top_tokens(self, c: Chunk) -> list[dict]:
+        """TGI's top_tokens of one generated token: the most likely alternatives, best first."""
+        return [{"id": i, "text": self.token_text(i), "logprob": lp, "special": i in self.special_ids}
+                for i, lp in c.top_logprobs or ()]
+
+    def completion_logprobs(self, chunks: list[Chunk], top: int, offset: int = 0) -> dict:
+        """OpenAI /v1/completions' logprobs object for these tokens; text_offset counts from `offset`."""
+        tokens, offsets = [], []
+        for c in chunks:
+            tokens.append(self.token_text(c.token_id))
+            offsets.append(offset)
+            offset += len(c.text)
+        tops = [{self.token_text(i): lp for i, lp in c.top_logprobs or ()} for c in chunks] if top else None
+        return {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def chat_logprobs(self, chunks: list[Chunk]) -> dict:
+        """OpenAI /v1/chat/completions' logprobs object for these tokens."""
+        def entry(token_id: int, logprob: float | None) -> dict:
+            t = self.token_text(token_id)
+            return {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8"))}
+
+        return {"content": [{**entry(c.token_id, c.logprob),
+                             "top_logprobs": [entry(i, lp) for i, lp in c.top_logprobs or ()]} for c in chunks],
+                "refusal": None}
 
     # ---- TGI ----
 
@@ -460,7 +490,7 @@ class _Handlers:
             temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
             top_k=(p.top_k or 0) if sampling else 0, top_p=(p.top_p or 1.0) if sampling else 1.0,
             repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed,
-            stop=check_stops("parameters.stop", p.stop))
+            stop=check_stops("parameters.stop", p.stop), logprobs=p.top_n_tokens or 0)
         return self.submit(route, ids, params)
 
     def _full_text(self, body: GenerateRequest, text: str) -> str:
@@ -479,7 +509,8 @@ class _Handlers:
                            for i in req.prompt_ids]
             out["details"] = {"finish_reason": _TGI_FINISH.get(chunks[-1].finish_reason, "length"),
                               "generated_tokens": len(chunks), "seed": req.seeds[0], "prefill": prefill,
-                              "tokens": [self.token(c) for c in chunks], "top_tokens": None,
+                              "tokens": [self.token(c) for c in chunks],
+                              "top_tokens": [self.top_tokens(c) for c in chunks] if p.top_n_tokens else None,
                               "best_of_sequences": None}
         return out
 
@@ -492,7 +523,8 @@ class _Handlers:
                 async for chunks in self.serving.stream(req):
                     for c in chunks:
                         text.append(c.text)
-                        event: dict[str, Any] = {"index": n, "token": self.token(c), "top_tokens": None,
+                        top = self.top_tokens(c) if body.parameters.top_n_tokens else None
+                        event: dict[str, Any] = {"index": n, "token": self.token(c), "top_tokens": top,
                                                  "generated_text": None, "details": None}
                         n += 1
                         if c.finished:
@@ -510,12 +542,12 @@ class _Handlers:
 
     # ---- OpenAI ----
 
-    def openai_params(self, body, max_new: int, stops: tuple[str, ...]) -> SamplingParams:
+    def openai_params(self, body, max_new: int, stops: tuple[str, ...], logprobs: int | None) -> SamplingParams:
         return self.sampling(
             "", max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
             repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, stop=stops,
-            ignore_eos=body.ignore_eos, num_return_sequences=body.num_choices)
+            ignore_eos=body.ignore_eos, num_return_sequences=body.num_choices, logprobs=logprobs)
 
     def submit_all(self, route: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenRequest]:
         reqs: list[GenRequest] = []
@@ -547,7 +579,7 @@ class _Handlers:
         stops = check_stops("stop", body.stop)
         params = [self.openai_params(body, self.max_new(len(i), body.max_tokens,
                                                         OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt",
-                                                        "max_tokens"), stops) for i in ids]
+                                                        "max_tokens"), stops, body.logprobs) for i in ids]
         reqs = self.submit_all("completions", ids, params)
         rid, created, n = "cmpl-" + reqs[0].id, int(time.time()), body.num_choices
         echo = [(p if isinstance(p, str) else self.llm.tokenizer.decode(p)) if body.echo else "" for p in raw]
@@ -558,6 +590,7 @@ class _Handlers:
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            offsets = [0] * (len(reqs) * n)
 
             async def events() -> AsyncIterator[dict]:
                 try:
@@ -568,7 +601,11 @@ class _Handlers:
                                                                   "finish_reason": None}]))}
                     async for i, chunks in self.merged(reqs):
                         for c in chunks:
-                            choice = {"index": i * n + c.seq, "text": c.text, "logprobs": None,
+                            lp = None
+                            if body.logprobs is not None:
+                                lp = self.completion_logprobs([c], body.logprobs, offsets[i * n + c.seq])
+                                offsets[i * n + c.seq] += len(c.text)
+                            choice = {"index": i * n + c.seq, "text": c.text, "logprobs": lp,
                                       "finish_reason": _OPENAI_FINISH.get(c.finish_reason) if c.finished else None}
                             yield {"data": json.dumps(chunk([choice]), ensure_ascii=False)}
                     if include_usage:
@@ -586,8 +623,9 @@ class _Handlers:
         choices = []
         for i, per_seq in enumerate(results):
             for j, chunks in enumerate(per_seq):
+                lp = None if body.logprobs is None else self.completion_logprobs(chunks, body.logprobs)
                 choices.append({"index": i * n + j, "text": echo[i] + "".join(c.text for c in chunks),
-                                "logprobs": None, "finish_reason": _OPENAI_FINISH.get(chunks[-1].finish_reason)})
+                                "logprobs": lp, "finish_reason": _OPENAI_FINISH.get(chunks[-1].finish_reason)})
         return {**chunk(choices), "usage": self.usage(reqs)}
 
     async def _collect_all(self, http: Request, reqs: list[GenRequest]) -> list[list[list[Chunk]]]:
@@ -613,7 +651,8 @@ class _Handlers:
             stops += ("\nUser:",)  # the Falcon-instruct form: stop where the user's next turn would begin
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self.max_new(len(ids), body.max_new, None, "messages", max_field)
-        (req,) = self.submit_all("chat_completions", [ids], [self.openai_params(body, max_new, stops)])
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        (req,) = self.submit_all("chat_completions", [ids], [self.openai_params(body, max_new, stops, logprobs)])
         rid, created, n = "chatcmpl-" + req.id, int(time.time()), body.num_choices
         base = {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
                 "system_fingerprint": f"gyrfalcon-{__version__}"}
@@ -622,9 +661,9 @@ class _Handlers:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = {**base, "object": "chat.completion.chunk"}
 
-            def delta(j: int, content: str | None, finish: str | None) -> dict:
+            def delta(j: int, content: str | None, finish: str | None, lp: dict | None = None) -> dict:
                 d = {"role": "assistant", "content": content, "tool_calls": None}
-                return {**head, "choices": [{"index": j, "delta": d, "logprobs": None, "finish_reason": finish}]}
+                return {**head, "choices": [{"index": j, "delta": d, "logprobs": lp, "finish_reason": finish}]}
 
             async def events() -> AsyncIterator[dict]:
                 try:
@@ -632,7 +671,10 @@ class _Handlers:
                         yield {"data": json.dumps(delta(j, "", None))}
                     async for _, chunks in self.merged([req]):
                         for c in chunks:
-                            if c.text:
+                            if logprobs is not None:  # every token has its entry, text or not (yet)
+                                yield {"data": json.dumps(delta(c.seq, c.text, None, self.chat_logprobs([c])),
+                                                          ensure_ascii=False)}
+                            elif c.text:
                                 yield {"data": json.dumps(delta(c.seq, c.text, None), ensure_ascii=False)}
                             if c.finished:
                                 yield {"data": json.dumps(delta(c.seq, None, _OPENAI_FINISH.get(c.finish_reason)))}
@@ -648,6 +690,7 @@ class _Handlers:
 
         per_seq = await self.collect(http, req)
         choices = [{"index": j, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-                    "logprobs": None, "finish_reason": _OPENAI_FINISH.get(chunks[-1].finish_reason)}
+                    "logprobs": None if logprobs is None else self.chat_logprobs(chunks),
+                    "finish_reason": _OPENAI_FINISH.get(chunks[-1].finish_reason)}
                    for j, chunks in enumerate(per_seq)]
         return {**base, "choices": choices, "usage": self.usage([req])}

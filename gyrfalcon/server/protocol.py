@@ -19,6 +19,7 @@ MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 512
 MAX_NEW_TOKENS = 1_000_000
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # alternatives per token (SamplingParams.logprobs allows as many)
 
 
 class APIError(Exception):
@@ -128,7 +129,7 @@ class TGIParameters(Strict):
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    top_n_tokens: int | None = Field(None, ge=0, le=100)
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
 
@@ -139,8 +140,6 @@ class TGIParameters(Strict):
             raise unsupported("parameters.watermark")
         if self.typical_p not in (None, 1.0):
             raise unsupported("parameters.typical_p")
-        if self.top_n_tokens:
-            raise unsupported("parameters.top_n_tokens")
         if self.grammar is not None:
             raise unsupported("parameters.grammar")
         if self.adapter_id is not None:
@@ -224,8 +223,8 @@ class CompletionRequest(_OpenAISampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise unsupported("logprobs")
+        if self.logprobs is not None and self.echo:
+            raise unsupported("logprobs", "not with `echo` (the prompt's log-probabilities are not computed)")
         if self.best_of is not None and self.best_of != self.num_choices:
             raise unsupported("best_of", "it must equal n")
         if self.suffix:
@@ -257,7 +256,7 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, le=MAX_NEW_TOKENS)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -265,10 +264,8 @@ class ChatCompletionRequest(_OpenAISampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise unsupported("logprobs")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(422, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
         if self.tools:
             raise unsupported("tools")
         if self.tool_choice not in (None, "none", "auto"):

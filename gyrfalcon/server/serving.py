@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import LLM, _TextState
+from ..api import LLM
 from ..runtime.engine import Engine, EngineConfig, TokenEvent
 from ..runtime.sampling import SamplingParams
+from ..text_stream import TextState
 from ..tokenizer import StreamDecoder
 from .metrics import Metrics
 from .protocol import APIError
@@ -42,6 +43,8 @@ class Chunk:
     text: str
     finished: bool = False
     finish_reason: str | None = None  # eos | length | stop | cancelled
+    logprob: float | None = None  # when the request asked for logprobs (SamplingParams.logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(eq=False)
@@ -53,7 +56,7 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     seq_ids: list[int] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
-    texts: list[_TextState] = field(default_factory=list)
+    texts: list[TextState] = field(default_factory=list)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)  # tokens per sequence
     finish_reasons: list[str | None] = field(default_factory=list)
@@ -226,7 +229,7 @@ class Serving:
             state = self.engine.add(sid, req.prompt_ids, p, seed, same_prompt_as=req.seq_ids[0] if j else None)
             self._active[sid] = (req, j)
             req.seeds.append(state.seed)
-            req.texts.append(_TextState(StreamDecoder(self.llm.tokenizer, req.prompt_ids), p.stop))
+            req.texts.append(TextState(StreamDecoder(self.llm.tokenizer, req.prompt_ids), p.stop))
             req.generated.append(0)
             req.finish_reasons.append(None)
             req.t_last.append(0.0)
@@ -269,14 +272,12 @@ class Serving:
             if entry is None:
                 continue
             req, j = entry
-            st = req.texts[j]
-            # The rules of LLM._events: an EOS token ends the sequence but is not part of its text; a stop string
-            # ends it before the next step, and the text is cut where the stop string begins.
-            text = st.push(None if ev.finish_reason == "eos" else ev.token_id, final=ev.finished)
-            if st.stopped and not ev.finished:
+            # The rules of LLM.generate (text_stream): EOS is not text; a stop string ends the sequence before the
+            # next step, and the text is cut where the stop string begins.
+            text, finished, reason = req.texts[j].on_token(ev.token_id, ev.finished, ev.finish_reason)
+            if finished and not ev.finished:
                 self.engine.finish(ev.index, "stop")
-                ev.finished, ev.finish_reason = True, "stop"
-                text += st.push(None, final=True)
+            ev.finished, ev.finish_reason = finished, reason
             req.generated[j] += 1
             self.metrics.generated_tokens.inc()
             if req.t_first is None:
@@ -288,7 +289,8 @@ class Serving:
             if ev.finished:
                 req.finish_reasons[j] = ev.finish_reason
                 self._active.pop(ev.index, None)
-            out.setdefault(id(req), (req, []))[1].append(Chunk(j, ev.token_id, text, ev.finished, ev.finish_reason))
+            out.setdefault(id(req), (req, []))[1].append(Chunk(j, ev.token_id, text, ev.finished, ev.finish_reason,
+                                                                  ev.logprob, ev.top_logprobs))
         for req, chunks in out.values():
             req.loop.call_soon_threadsafe(req.queue.put_nowait, chunks)
             if all(r is not None for r in req.finish_reasons):
