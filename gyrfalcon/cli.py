@@ -29,6 +29,9 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--adapter", metavar="DIR",
                    help="apply a LoRA adapter (PEFT format, e.g. from `gyrfalcon finetune`): merged into a float "
                         "model, kept separate over a quantized one")
+    from .parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)  # --tp, --device-map, --compile
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -55,10 +58,19 @@ def _sampling_params(args: argparse.Namespace, **extra):
 def _load(args: argparse.Namespace):
     from .api import load
 
+    if getattr(args, "tp", 1) > 1:  # inside the torchrun group (main relaunched us): this rank's slice
+        from .parallel.cli import load_tensor_parallel
+
+        return load_tensor_parallel(args)
     model = getattr(args, "model_pos", None) or args.model
-    return load(model, device=args.device, dtype=args.dtype, revision=args.revision,
-                quantize=getattr(args, "quantize", None), skip=getattr(args, "skip", ()),
-                adapter=getattr(args, "adapter", None))
+    llm = load(model, device=args.device, dtype=args.dtype, revision=args.revision,
+               quantize=getattr(args, "quantize", None), skip=getattr(args, "skip", ()),
+               adapter=getattr(args, "adapter", None))
+    if getattr(args, "device_map", None) or getattr(args, "compile", False):
+        from .parallel.cli import apply_scale_out
+
+        apply_scale_out(llm, args)
+    return llm
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -281,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runner = COMMANDS[args.command][2]
     try:
+        if getattr(args, "tp", 1) > 1:  # outside a torchrun group: run this command as one
+            from .parallel.cli import maybe_relaunch
+
+            status = maybe_relaunch(args, argv)
+            if status is not None:
+                return status
         return runner(args) or 0
     except KeyboardInterrupt:
         print(file=sys.stderr)
