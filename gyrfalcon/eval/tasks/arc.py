@@ -10,7 +10,7 @@ lm-eval's sampler (seeded, in document order), leaving out the scored question.
 from __future__ import annotations
 
 from ..data import DataDir, EvalDataError
-from .base import Doc, FewshotSampler, Task, doc_key, take
+from .base import Doc, FewshotSampler, Task, doc_key, same_split_fewshot, take
 
 
 class ArcTask(Task):
@@ -25,10 +25,7 @@ class ArcTask(Task):
         self.description = f"{name.replace('_', '-')} test, multiple choice, acc and length-normalized acc_norm"
 
     def fewshot_source(self, k: int) -> str:
-        if k == 0:
-            return "none (0-shot)"
-        return (f"the test split itself (ARC train is not in our data), {k} random questions per item with "
-                f"lm-eval's sampler and seed, the scored question excluded")
+        return same_split_fewshot(k, "test", "ARC", "question")
 
     def docs(self, data: DataDir, num_fewshot: int, limit: int | None, seed: int) -> list[Doc]:
         rows = data.read_jsonl(f"arc/{self.filename}", self.name)

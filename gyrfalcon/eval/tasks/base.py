@@ -47,6 +47,15 @@ class TaskResult:
     breakdown: dict[str, Any] = field(default_factory=dict)
 
 
+def same_split_fewshot(k: int, split: str, dataset: str, unit: str = "item") -> str:
+    """The few-shot source of a task whose train split (lm-eval's source) is not in our data: examples drawn from
+    the scored split itself, the scored one excluded, with lm-eval's sampler and a fixed seed."""
+    if k == 0:
+        return "none (0-shot)"
+    return (f"the {split} split itself ({dataset} train is not in our data), {k} random {unit}s per item with "
+            f"lm-eval's sampler and seed, the scored {unit} excluded")
+
+
 class Task:
     """Base class. Subclasses set the class attributes and implement `docs`."""
 

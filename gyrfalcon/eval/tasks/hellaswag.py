@@ -14,7 +14,7 @@ lm-eval's sampler and seed, the scored item excluded.
 from __future__ import annotations
 
 from ..data import DataDir, EvalDataError
-from .base import Doc, FewshotSampler, Task, doc_key, take
+from .base import Doc, FewshotSampler, Task, doc_key, same_split_fewshot, take
 
 FILE = "hellaswag/hellaswag_val_full.txt"
 
@@ -63,10 +63,7 @@ class HellaSwagTask(Task):
     description = "HellaSwag validation, sentence completion, acc and acc_norm"
 
     def fewshot_source(self, k: int) -> str:
-        if k == 0:
-            return "none (0-shot)"
-        return (f"the validation split itself (HellaSwag train is not in our data), {k} random items per item with "
-                f"lm-eval's sampler and seed, the scored item excluded")
+        return same_split_fewshot(k, "validation", "HellaSwag")
 
     def notes(self) -> list[str]:
         return ["context: ctx_b's capital restored heuristically (the raw ctx_a/ctx_b split is not in our data)"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ..data import DataDir, EvalDataError
 from ..metrics import argmax
-from .base import Doc, FewshotSampler, Task, doc_key, take
+from .base import Doc, FewshotSampler, Task, doc_key, same_split_fewshot, take
 
 FILE = "winogrande/winogrande_xl_dev.jsonl"
 
@@ -29,10 +29,7 @@ class WinograndeTask(Task):
     description = "WinoGrande xl dev, partial scoring, acc"
 
     def fewshot_source(self, k: int) -> str:
-        if k == 0:
-            return "none (0-shot)"
-        return (f"the dev split itself (WinoGrande train is not in our data), {k} random items per item with "
-                f"lm-eval's sampler and seed, the scored item excluded")
+        return same_split_fewshot(k, "dev", "WinoGrande")
 
     def docs(self, data: DataDir, num_fewshot: int, limit: int | None, seed: int) -> list[Doc]:
         rows = data.read_jsonl(FILE, self.name)
