@@ -108,8 +108,8 @@ def init_group(expected_world: int, device: str | None = None) -> Group:
         dev = torch.device("cpu")
     timeout = timedelta(seconds=float(os.environ.get(_ENV_TIMEOUT, "120")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
-                                device_id=dev if use_cuda else None)
+        extra = {"device_id": dev} if use_cuda else {}  # NCCL: bind the communicator to this rank's GPU at once
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **extra)
     compute = dist.group.WORLD
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
     return Group(rank, world, local_rank, compute, control, dev)
