@@ -18,7 +18,9 @@ so that neither the memory peaks nor the CPU time mix:
   (sdpa attention, use_cache, min_new_tokens = max_new_tokens) with a streamer that timestamps every token.
   Decode time runs from the first token (end of prefill) to the last, over N - 1 steps;
 * roofline: the read bandwidth is measured in this run (a large fp32 tensor sum with the same thread count, best of
-  several, before and after the models); a decode step must read every weight once (the tied embedding / lm_head
+  several, before the models and after each run; the roofline uses the best of all probes, and each implementation
+  is also compared with the best probe just before / after its own run, as the bandwidth of a shared host drifts
+  by tens of percent over minutes); a decode step must read every weight once (the tied embedding / lm_head
   once) plus the KV cache, so roofline tokens/s = bandwidth / those bytes (at the mean context length). As the
   bandwidth probe is itself only a probe, a kernel can beat it slightly; the same probe is used for both sides.
 
@@ -274,6 +276,9 @@ def _table(results: dict, prompt_len: int, batch: int) -> str:
                      f"({_fmt_bytes(r['bytes_per_token'])}/token)"])
         rows.append(["  b1 decode % of roofline", size, f"{100 * o['decode_b1_tok_s'] / roof:.1f}%",
                      f"{100 * h['decode_b1_tok_s'] / roof:.1f}%", ""])
+        if "decode_b1_pct_local_roofline" in o:
+            rows.append(["  ... of the bandwidth probed around it", size, f"{o['decode_b1_pct_local_roofline']:.1f}%",
+                         f"{h['decode_b1_pct_local_roofline']:.1f}%", ""])
         if "logits_max_abs_diff" in r:
             rows.append(["  last-token logits max |diff|", size, f"{r['logits_max_abs_diff']:.2e}", "", ""])
     widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
@@ -336,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
             for impl in impls:
                 logits = os.path.join(tmp, f"logits-{impl}.pt")
                 r[impl] = _sub(["--role", impl, "--dir", tmp, "--logits-out", logits, *common], env)
+                # This machine's bandwidth drifts over minutes (shared host): probe right after each run too, so
+                # each implementation is also compared with the bandwidth of its own moment (see below).
+                probes.append(_sub(["--role", "bandwidth", "--threads", str(args.threads)], env))
+                r[impl]["bandwidth_around"] = max(max(p["sum"], p["mv"]) for p in probes[-2:])
                 print(f"[{size}] {impl}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in r[impl].items()), flush=True)
             if len(impls) == 2:
@@ -346,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             results[size] = r
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    probes.append(_sub(["--role", "bandwidth", "--threads", str(args.threads)], env))
-    print(f"read bandwidth ({args.threads} threads): {_fmt_probe(probes[1])}", flush=True)
+    print(f"read bandwidth ({args.threads} threads): {_fmt_probe(probes[-1])}", flush=True)
     bandwidth = max(max(p["sum"], p["mv"]) for p in probes)
     for r in results.values():
         first = r[impls[0]]
@@ -356,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         r["roofline_tok_s"] = bandwidth / r["bytes_per_token"]
         for impl in impls:
             r[impl]["decode_b1_pct_roofline"] = 100 * r[impl]["decode_b1_tok_s"] / r["roofline_tok_s"]
+            local = r[impl]["bandwidth_around"] / r["bytes_per_token"]
+            r[impl]["decode_b1_pct_local_roofline"] = 100 * r[impl]["decode_b1_tok_s"] / local
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{meta['date']}  {meta['cpu']}  {meta['cpu_count']} cores, torch threads {meta['torch_threads']}, "
           f"torch {meta.get('torch')}, transformers {meta.get('transformers')}")
-    print(f"roofline read bandwidth {bandwidth / 1e9:.2f} GB/s (best sum / mv probe of two rounds, "
+    print(f"roofline read bandwidth {bandwidth / 1e9:.2f} GB/s (best sum / mv probe of all rounds, "
           f"{args.threads} threads); load avg (1m) {load1:.2f} at start, {meta['loadavg_1m_at_end']:.2f} at end")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; best of {args.repeats}")
     if len(impls) == 2:

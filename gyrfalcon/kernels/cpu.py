@@ -1,8 +1,10 @@
-"""The CPU kernels of `quant_cpu.c`: compiled once per machine at first use, cached, called through ctypes.
+"""gyrfalcon's CPU kernels (`quant_cpu.c`: quantized linears; `gemv_f32.c`: fp32 matrix-vector products),
+compiled once per machine at first use into one library, cached, called through ctypes.
 
     from gyrfalcon.kernels import cpu
     if cpu.available():
         y = cpu.gemv_int8(x, qweight, scale, bias)          # x [B <= 8, K] fp32
+        y = cpu.gemv_f32(x, weight, bias)                    # nn.Linear's fp32 weight, used in place
 
 The shared library is built with the machine's C compiler (`$CC`, else `cc`, `gcc` or `clang`) as
 `-O3 -march=native -fopenmp -shared -fPIC` into `$GYRFALCON_CACHE_DIR/kernels` (default
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("quant_cpu.c")
+SOURCES = (Path(__file__).with_name("quant_cpu.c"), Path(__file__).with_name("gemv_f32.c"))
 # Tried in order: the first set that compiles wins (a compiler without OpenMP, or one that does not know
 # -march=native, still gets a working, if single-threaded or generic, library).
 FLAG_SETS = (
@@ -55,6 +57,7 @@ _SIGNATURES = {
     "gf_gemv_q4": [_p, _p, _p, _p, _p, _f32, _p, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_dequant_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
     "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
+    "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_simd": [],
     "gf_version": [],
 }
@@ -100,7 +103,7 @@ def build(force: bool = False) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
-    src = SOURCE.read_bytes()
+    src = b"\0".join(path.read_bytes() for path in SOURCES)
     version = _compiler_version(cc)
     errors = []
     out_dir = cache_dir()
@@ -108,11 +111,11 @@ def build(force: bool = False) -> Path:
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
-        target = out_dir / f"quant_cpu-{key}.so"
+        target = out_dir / f"gyrfalcon_cpu-{key}.so"
         if target.is_file() and not force:
             return target
         tmp = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        cmd = [cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -208,6 +211,24 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _check_x(x: torch.Tensor, k: int) -> None:
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"kernel input must be a CPU fp32 [B, {k}] tensor with unit column stride")
+
+
+def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] fp32 (B <= 8, unit column stride), w [N, K] contiguous fp32, bias [N] fp32 or None -> [B, N] fp32
+    (= F.linear(x, w, bias) up to fp32 rounding). The caller checks `available()` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"gyrfalcon CPU kernels unavailable: {_error}")
+    n, k = w.shape
+    _check_x(x, k)
+    b = x.shape[0]
+    if b > MAX_BATCH or not w.is_contiguous() or w.dtype != torch.float32:
+        raise ValueError(f"gemv_f32 takes at most {MAX_BATCH} rows and a contiguous fp32 weight")
+    y = out if out is not None else torch.empty(b, n, dtype=torch.float32)
+    lib.gf_gemv_f32(w.data_ptr(), _ptr(bias), n, k, x.data_ptr(), x.stride(0), b, y.data_ptr(), y.stride(0),
+                     torch.get_num_threads())
+    return y
 
 
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

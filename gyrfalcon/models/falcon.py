@@ -23,7 +23,11 @@ from torch import nn
 
 from ..config import FalconConfig
 from .cache import KVCache
-from .layers import Rotary, alibi_bias, alibi_slopes, apply_rotary
+from .fast_linear import linear as _linear
+from .fast_linear import no_grad_needed as _no_grad
+from .layers import Rotary, alibi_bias, alibi_slopes, apply_rotary_rolled
+
+_MLP_CHUNK = 256  # rows per block of a long prefill's MLP (bounds its 4x-wide activation)
 
 
 class FalconAttention(nn.Module):
@@ -36,38 +40,50 @@ class FalconAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, config.qkv_out_features, bias=config.bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
 
-    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, T, (H + 2G) d] -> q [B, H, T, d], k and v [B, G, T, d], following the checkpoint's ordering."""
+    def split_qkv(self, qkv: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, (H + 2G) d] -> q [B, H, T, d], k and v [B, G, T, d], following the checkpoint's ordering.
+
+        With cos/sin ([B or 1, T, 1, d]; sin sign-folded, see `apply_rotary_rolled`) the rotary embedding is
+        applied to the queries and keys together, in one pass over the part of `qkv` that holds them.
+        """
         b, t, _ = qkv.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        rope = cos is not None
         if self.layout == "multi_query":
             qkv = qkv.view(b, t, h + 2, d)
-            q, k, v = qkv[:, :, :h], qkv[:, :, h : h + 1], qkv[:, :, h + 1 :]
+            qk = apply_rotary_rolled(qkv[:, :, : h + 1], cos, sin) if rope else qkv
+            q, k, v = qk[:, :, :h], qk[:, :, h : h + 1], qkv[:, :, h + 1 :]
         elif self.layout == "grouped":
             qkv = qkv.view(b, t, g, h // g + 2, d)
-            q = qkv[:, :, :, :-2].reshape(b, t, h, d)
-            k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+            qk = apply_rotary_rolled(qkv[:, :, :, :-1], cos[:, :, :, None], sin[:, :, :, None]) if rope else qkv
+            q = qk[:, :, :, : h // g].reshape(b, t, h, d)
+            k, v = qk[:, :, :, h // g], qkv[:, :, :, -1]
         else:  # interleaved: per head [q, k, v]
             qkv = qkv.view(b, t, h, 3, d)
-            q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+            qk = apply_rotary_rolled(qkv[:, :, :, :2], cos[:, :, :, None], sin[:, :, :, None]) if rope else qkv
+            q, k, v = qk[:, :, :, 0], qk[:, :, :, 1], qkv[:, :, :, 2]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: _StepContext, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.split_qkv(self.query_key_value(x))
-        if ctx.cos is not None:
-            q = apply_rotary(q, ctx.cos, ctx.sin)
-            k = apply_rotary(k, ctx.cos, ctx.sin)
+        q, k, v = self.split_qkv(_linear(self.query_key_value, x), ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)
 
         if t == 1 and g < h and ctx.bias is None:
             # Decoding one token: fold the H/G query heads that share a KV head into the query axis, so each
             # KV head is read once and never copied out to H heads. The mask (if any) is per row only.
-            q = q.reshape(b, g, h // g, d)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
-            out = out.reshape(b, h * d).unsqueeze(1)
+            # Three small batched products rather than SDPA: its CPU kernel opens a parallel region even for this
+            # one block of work, and on a busy machine waiting for the second thread costs milliseconds per call.
+            s = k.shape[2]
+            q = q.reshape(b * g, h // g, d)
+            scores = torch.baddbmm(q.new_empty(()), q, k.reshape(b * g, s, d).transpose(1, 2), beta=0.0, alpha=d**-0.5)
+            if ctx.mask is not None:
+                scores = scores.view(b, g, h // g, s).masked_fill_(ctx.mask.logical_not(), float("-inf"))
+            out = torch.bmm(scores.view(b * g, h // g, s).softmax(-1), v.reshape(b * g, s, d))
+            out = out.view(b, 1, h * d)
         else:
             if g < h:
                 k = k.repeat_interleave(h // g, dim=1)
@@ -75,7 +91,7 @@ class FalconAttention(nn.Module):
             mask = ctx.mask if ctx.bias is None else ctx.bias
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx.is_causal)
             out = out.transpose(1, 2).reshape(b, t, h * d)
-        return self.dense(out)
+        return _linear(self.dense, out)
 
 
 class FalconMLP(nn.Module):
@@ -85,7 +101,19 @@ class FalconMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+        rows = x.numel() // x.shape[-1]
+        if rows > _MLP_CHUNK and _no_grad(x):
+            # A long prefill: run the MLP over blocks of rows, so its 4x-wide activation stays small.
+            x2 = x.reshape(rows, x.shape[-1])
+            out = torch.cat([self._mlp(x2[i : i + _MLP_CHUNK]) for i in range(0, rows, _MLP_CHUNK)])
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = _linear(self.dense_h_to_4h, x)
+        # In place when nothing needs the pre-activation for a backward pass: the widest activation, held once.
+        h = torch._C._nn.gelu_(h) if _no_grad(h) else F.gelu(h)
+        return _linear(self.dense_4h_to_h, h)
 
 
 class FalconDecoderLayer(nn.Module):
@@ -111,15 +139,24 @@ class FalconDecoderLayer(nn.Module):
             attn_in = mlp_in = self.input_layernorm(x)
         attn = self.self_attention(attn_in, ctx, layer)
         if self.parallel:
-            return self.mlp(mlp_in) + attn + x
+            out = self.mlp(mlp_in)
+            # (mlp + attn) + x, the reference's order; in place on the fresh MLP output when autograd is off.
+            return out.add_(attn).add_(x) if _no_grad(out) else out + attn + x
         x = x + attn
-        return self.mlp(self.post_attention_layernorm(x)) + x
+        out = self.mlp(self.post_attention_layernorm(x))
+        return out.add_(x) if _no_grad(out) else out + x
 
 
 class FalconModel(nn.Module):
     def __init__(self, config: FalconConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if torch.empty(0).device.type == "meta":
+            # Built to be loaded into: skip the random init, whose meta-device kernel (`normal_`) pulls in ~70 MB of
+            # torch's Python decompositions on first use, for nothing.
+            weight = torch.empty(config.vocab_size, config.hidden_size)
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        else:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(FalconDecoderLayer(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
@@ -156,26 +193,37 @@ class FalconForCausalLM(nn.Module):
                        dtype or ref.dtype, device or ref.device)
 
     def _context(self, b: int, t: int, cache: KVCache | None, device: torch.device, dtype: torch.dtype) -> _StepContext:
-        starts = cache.lengths_list if cache is not None else [0] * b
-        uniform = min(starts) == max(starts)
-        key_len = max(starts) + t
-        positions = (cache.lengths[:, None] if cache is not None else torch.zeros(b, 1, dtype=torch.long,
-                     device=device)) + torch.arange(t, device=device)[None, :]  # [B, T]
+        starts = cache.lengths_list if cache is not None else [0]
+        first, last = min(starts), max(starts)
+        uniform = first == last
+        key_len = last + t
+        # Absolute positions of the new tokens, [B, T] (or [1, T] when every row is at the same length). Built from
+        # the Python-side lengths, so the common uniform case needs no tensor op and no device sync.
+        positions = None
+        if not uniform:
+            positions = cache.lengths[:, None] + torch.arange(t, device=device)[None, :]
+
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions, dtype)
+            cos_table, sin_table = self.rotary.rolled_table(key_len, device, dtype)
+            if uniform:  # a slice of the table: a view, no copy
+                cos, sin = cos_table[first : first + t, None][None], sin_table[first : first + t, None][None]
+            else:
+                cos, sin = cos_table[positions][:, :, None], sin_table[positions][:, :, None]  # [B, T, 1, d]
 
         mask = None
         is_causal = False
-        if uniform and starts[0] == 0 and t > 1:
+        if uniform and first == 0 and t > 1:
             is_causal = True
         elif not (uniform and t == 1):
             # Key j is visible to the query at position p of the same row iff j <= p. This also hides whatever a
             # shorter row has past its own end.
-            mask = torch.arange(key_len, device=device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            mask = mask[:, None]  # [B, 1, T, S]
+            if positions is None:
+                positions = torch.arange(first, first + t, device=device)[None, :]
+            mask = torch.arange(key_len, device=device)[None, None, :] <= positions[:, :, None]  # [B|1, T, S]
+            mask = mask[:, None]  # [B|1, 1, T, S]
             if t == 1 and self.config.num_kv_heads < self.config.num_heads:
-                mask = mask.reshape(b, 1, 1, key_len)  # folded decode: the query axis holds heads, one position
+                mask = mask.reshape(-1, 1, 1, key_len)  # folded decode: the query axis holds heads, one position
 
         bias = None
         if self.config.alibi:
@@ -216,4 +264,4 @@ class FalconForCausalLM(nn.Module):
                 x = x[:, -1]
             else:
                 x = x[torch.arange(b, device=x.device), torch.tensor(counts, device=x.device) - 1]
-        return self.lm_head(self.transformer.ln_f(x))
+        return _linear(self.lm_head, self.transformer.ln_f(x))

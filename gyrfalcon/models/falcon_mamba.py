@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import FalconMambaConfig
 from .cache import MambaCache
+from .fast_linear import linear
 
 # Time steps whose discretized (exp(dt A), dt B u) tensors are built at once in the scan: [B, chunk, E, N] fp32.
 # Bounds the scan's extra memory on long prompts while keeping the per-step Python work to two ops.
@@ -133,7 +134,7 @@ class FalconMambaMixer(nn.Module):
 
     def _ssm_params(self, u: torch.Tensor, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u [B, T, E] -> dt [B, T, E], B [B, T, N], C [B, T, N], all fp32, dt after softplus."""
-        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, Bm, Cm = linear(self.x_proj, u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = weightless_rms_norm(dt, self.rms_eps)
         Bm = weightless_rms_norm(Bm, self.rms_eps)
         Cm = weightless_rms_norm(Cm, self.rms_eps)
@@ -158,7 +159,7 @@ class FalconMambaMixer(nn.Module):
 
     def forward(self, h: torch.Tensor, step: _Step, layer: int) -> torch.Tensor:
         """h: [B, T, D] (normed, weights' dtype) -> [B, T, D]."""
-        x, z = self.in_proj(h).chunk(2, dim=-1)  # [B, T, E] each
+        x, z = linear(self.in_proj, h).chunk(2, dim=-1)  # [B, T, E] each
         u = self._conv(x, step, layer)
         dt, Bm, Cm = self._ssm_params(u, step)
         u32 = u.float()
@@ -172,7 +173,7 @@ class FalconMambaMixer(nn.Module):
             if cache is not None:
                 cache.ssm[layer].copy_(state)
         y = (y + u32 * self.D.float()) * F.silu(z.float())  # D skip, then the gate
-        return self.out_proj(y.to(h.dtype))
+        return linear(self.out_proj, y.to(h.dtype))
 
 
 class FalconMambaBlock(nn.Module):
@@ -247,4 +248,4 @@ class FalconMambaForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1] if not ragged else x[torch.arange(b, device=device), lengths - 1]  # [B, D]
         x = self.backbone.norm_f(x)
-        return self.lm_head(x.to(self.lm_head.weight.dtype))
+        return linear(self.lm_head, x.to(self.lm_head.weight.dtype))

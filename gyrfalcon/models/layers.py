@@ -17,7 +17,7 @@ class Rotary:
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
         self.theta = theta
-        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def _build(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.head_dim
@@ -26,16 +26,31 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)  # [n, d]
         return emb.cos(), emb.sin()
 
+    def table(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, head_dim] for positions 0..n-1 with n >= needed (grown, by doubling, on demand)."""
+        cos, sin, _ = self._get(needed, device, dtype)
+        return cos, sin
+
+    def rolled_table(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and the sign-folded sin ([-sin_1, sin_2] over the two halves) for `apply_rotary_rolled`."""
+        cos, _, sin_signed = self._get(needed, device, dtype)
+        return cos, sin_signed
+
+    def _get(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        key = (device, dtype)
+        tables = self._tables.get(key)
+        if tables is None or tables[0].shape[0] < needed:
+            have = 0 if tables is None else tables[0].shape[0]
+            cos, sin = self._build(max(needed, 2048, 2 * have), device)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            half = self.head_dim // 2
+            tables = (cos, sin, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+            self._tables[key] = tables
+        return tables
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim] (broadcast over heads)."""
-        key = (positions.device, dtype)
-        needed = int(positions.max()) + 1
-        table = self._tables.get(key)
-        if table is None or table[0].shape[0] < needed:
-            cos, sin = self._build(max(needed, 2048), positions.device)
-            table = (cos.to(dtype), sin.to(dtype))
-            self._tables[key] = table
-        cos, sin = table
+        cos, sin = self.table(int(positions.max()) + 1, positions.device, dtype)
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
@@ -46,6 +61,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` with the sign of rotate_half folded into the table (`Rotary.rolled_table`): the same numbers,
+    bit for bit (-(a*b) == a*(-b) in IEEE arithmetic), in three elementwise kernels instead of five."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""`linear(mod, x)`: what `mod(x)` computes, through the fastest routine for the shape, for plain fp32 linears on CPU.
+
+Decoding reads every weight once per token, so its speed is how fast a matrix streams from memory. Measured on
+the 2-core AMD EPYC we benchmark on (a 65024 x 1024 fp32 matrix, 2 threads):
+
+    rows  F.linear (MKL)   gyrfalcon gemv_f32 (kernels/gemv_f32.c)
+    1     ~18 GB/s         ~33 GB/s   (a plain read of memory: ~30 GB/s)
+    2-8   3-6 GB/s         (one pass over the weight for all rows)
+
+For 9..16 rows `W @ x^T` (a tall-skinny GEMM) beats `x @ W^T`, and for prefill (many rows) oneDNN's fp32 GEMM beats
+MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked module, autograd through the weight or
+the input) is plain `mod(x)`, which is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for
+the compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py holds the two together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu as cpu_kernels
+
+FAST = True  # False: every call is `mod(x)` (the reference path, for comparisons)
+FEW_ROWS = 16  # up to this many rows (beyond the kernel's 8): W @ x^T
+
+
+def _onednn_ok() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch built without oneDNN
+        return False
+
+
+_ONEDNN = _onednn_ok()
+
+
+def no_grad_needed(t: torch.Tensor) -> bool:
+    """True when `t` can be updated in place: autograd is off, or nothing tracks it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mod(x)` for any module; for a plain fp32 `nn.Linear` on CPU, the same product by the fastest routine."""
+    if (not FAST or type(mod) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32
+            or mod._forward_hooks or mod._forward_pre_hooks):
+        return mod(x)
+    w, bias = mod.weight, mod.bias
+    tracked = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
+    if w.dtype != torch.float32 or w.device.type != "cpu" or (tracked and torch.is_grad_enabled()):
+        return mod(x)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if rows == 0:
+        return mod(x)
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if rows <= cpu_kernels.MAX_BATCH and w.is_contiguous() and cpu_kernels.available():
+        y = cpu_kernels.gemv_f32(x2, w, bias)
+    elif rows <= FEW_ROWS:
+        y = torch.mm(w, x2.t()) if bias is None else torch.addmm(bias[:, None], w, x2.t())
+        y = y.t().contiguous()
+    elif _ONEDNN:
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, "none", [], "")
+    else:
+        y = F.linear(x2, w, bias)
+    return y.view(*x.shape[:-1], w.shape[0])

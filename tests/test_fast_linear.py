@@ -1,0 +1,64 @@
+"""The fast fp32 linear (gyrfalcon/models/fast_linear.py, kernels/gemv_f32.c) against its reference, `mod(x)`.
+
+Tolerance: both sides are fp32 dot products of length K summed in a different order, so they differ by fp32
+rounding: we hold them to 1e-5 * (sum_k |w| |x| + |bias|) per output, a bound on that rounding for these K.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gyrfalcon.kernels import cpu as cpu_kernels
+from gyrfalcon.models import fast_linear
+
+
+def _bound(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    b = mod.bias.abs() if mod.bias is not None else 0.0
+    return 1e-5 * (x.abs() @ mod.weight.abs().t() + b) + 1e-7
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 17, 130])
+@pytest.mark.parametrize("k,n,bias", [(64, 48, True), (1000, 37, False), (7, 5, True), (1, 3, False), (288, 260, True)])
+def test_fast_linear_equals_module(rows: int, k: int, n: int, bias: bool) -> None:
+    torch.manual_seed(rows * 1000 + k)
+    mod = nn.Linear(k, n, bias=bias)
+    x = torch.randn(rows, k)
+    with torch.no_grad():
+        ref = mod(x)
+        got = fast_linear.linear(mod, x)
+    assert got.shape == ref.shape
+    assert ((got - ref).abs() <= _bound(mod, x)).all(), (got - ref).abs().max()
+
+
+def test_fast_linear_strided_and_3d_inputs() -> None:
+    torch.manual_seed(0)
+    mod = nn.Linear(96, 40)
+    base = torch.randn(3, 2, 200)
+    x = base[:, :, 10:106]  # rows not contiguous with each other
+    with torch.no_grad():
+        ref = mod(x)
+        got = fast_linear.linear(mod, x)
+    assert got.shape == (3, 2, 40)
+    assert ((got - ref).abs() <= _bound(mod, x)).all()
+
+
+def test_fast_linear_keeps_autograd_and_other_modules_on_the_reference_path() -> None:
+    mod = nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    y = fast_linear.linear(mod, x)
+    y.sum().backward()  # the reference path: autograd works
+    assert x.grad is not None and mod.weight.grad is not None
+    seq = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        assert torch.equal(fast_linear.linear(seq, x), seq(x))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+def test_gemv_f32_kernel_rejects_bad_shapes() -> None:
+    w = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="at most"):
+        cpu_kernels.gemv_f32(torch.randn(9, 8), w)
+    with pytest.raises(ValueError):
+        cpu_kernels.gemv_f32(torch.randn(1, 7), w)
