@@ -64,6 +64,16 @@ def _read_slice(mm: mmap.mmap, info: TensorInfo, kind: str, ranges) -> torch.Ten
     return torch.cat([full[a:b] for a, b in ranges])  # rows: contiguous byte ranges
 
 
+def _release(mm: mmap.mmap, start: int, end: int) -> None:
+    """Drop the mapped pages of one tensor from this process once its slice is copied out. The mapping is private
+    and never written, so they are clean copies of the file: a column slice touches every page of its matrix, and
+    without this the resident set would hold the whole file although the rank keeps only its part."""
+    page = mmap.PAGESIZE
+    lo, hi = start // page * page, -(-end // page) * page
+    if hi > lo and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
+
+
 def _checkpoint_index(model_dir: Path) -> dict[str, TensorInfo]:
     ckpt = find_checkpoint(model_dir)
     if ckpt.format != "safetensors":
@@ -152,6 +162,7 @@ def load_parallel_model(model_dir: str | Path, config: ModelConfig, rank: int, w
                 raise WeightsError(f"{path}: {name}: read {tuple(raw.shape)}, expected the local {shape}")
             t = raw.to(device=device, dtype=dtype if raw.is_floating_point() else raw.dtype)
             del raw
+            _release(mm, entry.start, entry.start + entry.nbytes)
             if name.endswith(_ROW_BIASES):
                 row_bias[name] = t
                 continue
