@@ -9,6 +9,9 @@
  * once, front to back, with one sequential stream per thread (threads take contiguous halves of the rows), which
  * is what the hardware prefetchers follow best; the B input rows stay in L1/L2 and share each weight load.
  *
+ * Instruction sets: AVX2 + FMA (8 lanes); with AVX-512 (built with -march=native on a CPU that has it) 5..8 input
+ * rows take two weight rows at a time (see dot_2rows_b); without AVX2 plain C loops (correct, slower).
+ *
  * Arithmetic: fp32 fused multiply-adds in 4 (B = 1) or B partial sums per row, reduced at the end; the order of
  * additions differs from MKL's, so results agree to the usual fp32 rounding (tests: 1e-5 relative to the output
  * scale), not bit for bit.
@@ -78,6 +81,57 @@ static inline __attribute__((always_inline)) void dot_row_b(const float *w, cons
     for (int b = 0; b < B; b++) out[b] = s[b];
 }
 
+#if defined(__AVX512F__)
+/* Two weight rows x B input rows (5..8) in AVX-512 registers (2 * 8 accumulators of the 32): each x load now
+ * serves two weight rows. With 8 input rows of K >= 2048 the x rows no longer fit in L1, and reloading them for
+ * every weight row made the pass L2-bound (measured on 8192 x 2048, B = 8: 21 -> 30 GB/s). */
+static inline __attribute__((always_inline)) void dot_2rows_b(const float *w, const float *x, int64_t ldx,
+                                                              int64_t K, const int B, float *out) {
+    __m512 acc0[8], acc1[8];
+    for (int b = 0; b < B; b++) acc0[b] = acc1[b] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + K + k) + PREFETCH_AHEAD, _MM_HINT_T0);
+        __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + K + k);
+        for (int b = 0; b < B; b++) {
+            __m512 xv = _mm512_loadu_ps(x + b * ldx + k);
+            acc0[b] = _mm512_fmadd_ps(w0, xv, acc0[b]);
+            acc1[b] = _mm512_fmadd_ps(w1, xv, acc1[b]);
+        }
+    }
+    for (int b = 0; b < B; b++) {
+        float s0 = _mm512_reduce_add_ps(acc0[b]), s1 = _mm512_reduce_add_ps(acc1[b]);
+        for (int64_t kk = k; kk < K; kk++) {
+            s0 += w[kk] * x[b * ldx + kk];
+            s1 += w[K + kk] * x[b * ldx + kk];
+        }
+        out[b] = s0;
+        out[8 + b] = s1;
+    }
+}
+
+#define GF_GEMV_F32_B2ROWS(B)                                                                                      \
+    static void gemv_f32_b##B(const float *w, const float *bias, int64_t N, int64_t K, const float *x,               \
+                              int64_t ldx, float *y, int64_t ldy, int nthreads) {                                    \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)") for (int64_t p = 0; p < (N + 1) / 2;    \
+                                                                                p++) {                             \
+            int64_t n = 2 * p;                                                                                       \
+            float out[16];                                                                                           \
+            if (n + 1 < N) {                                                                                         \
+                dot_2rows_b(w + n * K, x, ldx, K, B, out);                                                           \
+                for (int b = 0; b < B; b++) {                                                                        \
+                    y[b * ldy + n] = out[b] + (bias ? bias[n] : 0.0f);                                               \
+                    y[b * ldy + n + 1] = out[8 + b] + (bias ? bias[n + 1] : 0.0f);                                   \
+                }                                                                                                    \
+            } else {                                                                                                 \
+                dot_row_b(w + n * K, x, ldx, K, B, out);                                                             \
+                for (int b = 0; b < B; b++) y[b * ldy + n] = out[b] + (bias ? bias[n] : 0.0f);                       \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+#endif
+
 #define GF_GEMV_F32_B(B)                                                                                           \
     static void gemv_f32_b##B(const float *w, const float *bias, int64_t N, int64_t K, const float *x,               \
                               int64_t ldx, float *y, int64_t ldy, int nthreads) {                                    \
@@ -91,10 +145,17 @@ static inline __attribute__((always_inline)) void dot_row_b(const float *w, cons
 GF_GEMV_F32_B(2)
 GF_GEMV_F32_B(3)
 GF_GEMV_F32_B(4)
+#if defined(__AVX512F__)
+GF_GEMV_F32_B2ROWS(5)
+GF_GEMV_F32_B2ROWS(6)
+GF_GEMV_F32_B2ROWS(7)
+GF_GEMV_F32_B2ROWS(8)
+#else
 GF_GEMV_F32_B(5)
 GF_GEMV_F32_B(6)
 GF_GEMV_F32_B(7)
 GF_GEMV_F32_B(8)
+#endif
 
 static void gemv_f32_b1(const float *w, const float *bias, int64_t N, int64_t K, const float *x, float *y,
                         int nthreads) {
