@@ -14,6 +14,7 @@ which frees their blocks at once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import threading
@@ -74,6 +75,28 @@ class Request:
     @property
     def n(self) -> int:
         return self.params.num_return_sequences
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; elsewhere there is none and trimming is a no-op
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`).
+
+    Every step allocates and frees tensors whose shapes follow the batch (gathered KV rows, logits, padded ids),
+    which glibc serves from its heaps; the freed space of one request mix does not always fit the next, and the
+    heaps keep it: a server's RSS then creeps up round after round of load though nothing is leaked (measured:
+    +40-50 MiB a round of 64 requests on the 250M model). Trimming when the batch empties bounds that. It costs
+    a walk of the heap, a few milliseconds, and happens only when no request is running."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class RequestCancelled(Exception):
@@ -213,6 +236,8 @@ class Serving:
                     return
                 if self.engine.has_unfinished():
                     self._step()
+                    if not self.engine.has_unfinished():
+                        trim_heap()  # the batch just emptied: a moment when nothing waits on this thread
                 self._update_gauges()
         except BaseException as exc:  # never die silently: /health turns 503 and waiting clients get an error
             log.exception("engine thread failed")
