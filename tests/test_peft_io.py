@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from gyrfalcon.api import DEFAULT_MODEL
 from gyrfalcon.cli import main
 from gyrfalcon.finetune import (
     AdapterError,
@@ -299,7 +300,7 @@ def test_cli_merge_then_generate_with_and_without_adapter(bundled_adapter, tmp_p
 
     adapter, prompt, ref = bundled_adapter
     out = tmp_path / "merged"
-    assert main(["merge", str(gyrfalcon.api.DEFAULT_MODEL), str(adapter), str(out)]) == 0
+    assert main(["merge", str(DEFAULT_MODEL), str(adapter), str(out)]) == 0
     merged = gyrfalcon.load(out)  # no flags
     assert (merged.logits(prompt) - ref).abs().max().item() < 1e-4
 
@@ -313,7 +314,7 @@ def test_cli_merge_then_generate_with_and_without_adapter(bundled_adapter, tmp_p
     assert json.loads(capsys.readouterr().out)["token_ids"] != with_adapter  # the adapter changes the text
 
     qout = tmp_path / "merged-nf4"
-    assert main(["merge", str(gyrfalcon.api.DEFAULT_MODEL), str(adapter), str(qout), "--quantize", "nf4"]) == 0
+    assert main(["merge", str(DEFAULT_MODEL), str(adapter), str(qout), "--quantize", "nf4"]) == 0
     q = gyrfalcon.load(qout)
     assert isinstance(q.model.transformer.h[0].mlp.dense_h_to_4h, QuantLinear)
     rel = (q.logits(prompt) - ref).abs().max() / ref.abs().max()
@@ -326,7 +327,7 @@ def test_cli_merge_into_a_quantized_checkpoint(bundled_adapter, tmp_path, capsys
 
     adapter, prompt, _ = bundled_adapter
     qdir = tmp_path / "int8"
-    assert main(["quantize", str(gyrfalcon.api.DEFAULT_MODEL), str(qdir), "--mode", "int8"]) == 0
+    assert main(["quantize", str(DEFAULT_MODEL), str(qdir), "--mode", "int8"]) == 0
     unmerged = gyrfalcon.load(qdir, adapter=adapter)  # adapter kept separate over the quantized base
     assert isinstance(unmerged.model.transformer.h[0].self_attention.dense, LoraLinear)
     out = tmp_path / "merged"
