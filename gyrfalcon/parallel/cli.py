@@ -40,21 +40,17 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None) -> int | No
     tp = getattr(args, "tp", 1)
     if tp <= 1 or in_torchrun():
         return None
-    if getattr(args, "device_map", None):
-        raise ValueError("--tp and --device-map are two ways to split a model: give one")
+    _preflight(args)
     return relaunch(list(sys.argv[1:] if argv is None else argv), tp, f"gyrfalcon {args.command}")
 
 
-def load_tensor_parallel(args: argparse.Namespace):
-    """`_load` for --tp N > 1 inside the torchrun group. On a follower rank this does not return: it follows rank
-    0's forward passes and exits when rank 0 is done."""
-    from ..api import DEFAULT_MODEL, LLM, default_dtype, parse_dtype
+def _preflight(args: argparse.Namespace):
+    """What can be refused before starting N processes (each would print the same error): conflicting options, and
+    a model the split does not fit (Falcon-Mamba, heads or KV groups that do not divide). Returns the model dir."""
+    from ..api import DEFAULT_MODEL
     from ..config import load_config
-    from ..tokenizer import Tokenizer
     from ..weights import resolve_model_dir
-    from .follow import Leader, follow
-    from .launch import init_group
-    from .load import load_parallel_model
+    from .shard import plan_split
 
     if getattr(args, "device_map", None):
         raise ValueError("--tp and --device-map are two ways to split a model: give one")
@@ -62,6 +58,21 @@ def load_tensor_parallel(args: argparse.Namespace):
         raise ValueError("--adapter with --tp is not supported: merge the adapter into the weights first")
     path = getattr(args, "model_pos", None) or args.model
     model_dir = resolve_model_dir(path if path is not None else DEFAULT_MODEL, revision=args.revision)
+    plan_split(load_config(model_dir), args.tp, 0)
+    return model_dir
+
+
+def load_tensor_parallel(args: argparse.Namespace):
+    """`_load` for --tp N > 1 inside the torchrun group. On a follower rank this does not return: it follows rank
+    0's forward passes and exits when rank 0 is done."""
+    from ..api import LLM, default_dtype, parse_dtype
+    from ..config import load_config
+    from ..tokenizer import Tokenizer
+    from .follow import Leader, follow, release_groups
+    from .launch import init_group
+    from .load import load_parallel_model
+
+    model_dir = _preflight(args)  # again: a group started by the user's own torchrun skipped the launcher's
     config = load_config(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)  # before joining: a bad model dir fails alone, with its own error
     group = init_group(args.tp, args.device)
@@ -73,10 +84,8 @@ def load_tensor_parallel(args: argparse.Namespace):
 
         compile_decode(model)
     if group.rank != 0:
-        import torch.distributed as dist
-
         follow(model, group.control, group.device)
-        dist.destroy_process_group()
+        release_groups(model)
         sys.exit(0)
     Leader(model, group.control).install()
     return LLM(model, tokenizer, config, model_dir)

@@ -143,6 +143,24 @@ class Leader:
         self.closed = True
         if self.healthy and dist.is_initialized():
             _broadcast(("stop",), self.group)
+            release_groups(self.model)
+
+
+def release_groups(model: nn.Module) -> None:
+    """Destroy the process groups and drop every reference to them now, while the interpreter is whole: a gloo
+    group freed during interpreter teardown (still referenced by the model's modules) can abort the process
+    ("terminate called without an active exception") after a run that succeeded."""
+    import gc
+
+    for m in model.modules():
+        if getattr(m, "group", None) is not None:
+            m.group = None
+    info = getattr(model, "tensor_parallel", None)
+    if info is not None:
+        info.group = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _to_cpu(x):
