@@ -275,3 +275,28 @@ def test_bad_data_and_unknown_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _finetune(["--data", str(bad), "--out", str(tmp_path / "o"), "--schedule", "linear"])
     assert e.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_fast_frozen_linears_equal_reference(monkeypatch):
+    """LoRA bases and the head on oneDNN's GEMM (`use_fast_frozen_linears`, `matmul_wt`) give the loss and adapter
+    gradients of plain torch products (USE_ONEDNN off) within 1e-5."""
+    import gyrfalcon.finetune.loop as ftl
+    from gyrfalcon.finetune.lora import LoraConfig, apply_lora
+
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(ftl, "USE_ONEDNN", fast)
+        model = tiny_falcon()
+        torch.manual_seed(0)
+        apply_lora(model, LoraConfig(r=4, alpha=8))
+        ftl.prepare_for_training(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        loss, _ = PackedCausalLM(model).train()(pack_examples(_docs(), 20, 0).batch(slice(0, 1)))
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], atol=1e-5, rtol=1e-4, msg=k)

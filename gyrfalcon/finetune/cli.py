@@ -44,7 +44,7 @@ from .data import (
     load_records,
     split_records,
 )
-from .loop import PackedCausalLM, make_quantized_differentiable, sft_loss, trainable_parameters
+from .loop import PackedCausalLM, prepare_for_training, sft_loss, trainable_parameters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -262,8 +262,7 @@ def build_model(a: argparse.Namespace, device: torch.device):
         lora_cfg = LoraConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
         torch.manual_seed(a.seed)  # the adapters' initialization
         apply_lora(model, lora_cfg, dtype=torch.float32)
-        if a.quantize:
-            make_quantized_differentiable(model)
+        prepare_for_training(model)
     model.train()
     return llm, model, lora_cfg
 

@@ -31,6 +31,72 @@ LOSS_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# matrix products of frozen weights
+
+
+def _onednn_available() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch built without oneDNN
+        return False
+
+
+_ONEDNN = _onednn_available()
+USE_ONEDNN = True  # False: plain torch products everywhere (the reference path, for tests and comparisons)
+
+
+def matmul_wt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) for x [..., k] and w [n, k] (w may be a transposed view), no autograd.
+
+    On the CPU in fp32 this goes through oneDNN's GEMM, not `torch.mm`'s (MKL): on the AMD EPYC machines we
+    measure on, MKL runs these training shapes at 60-95 GFLOP/s per core and oneDNN at 145-210 (see
+    benchmarks/finetune_perf.py). Elsewhere (GPU, bf16, oneDNN missing) it is `F.linear`.
+    """
+    if USE_ONEDNN and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype:
+        with torch.no_grad():
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    with torch.no_grad():
+        return F.linear(x, w, bias)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b for a frozen W (no gradient for W or b): the input gradient is g W, both products through
+    `matmul_wt` (W's transpose is a view, never copied)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return matmul_wt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return matmul_wt(grad.contiguous(), weight.t()), None, None
+
+
+def _frozen_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
+        return F.linear(x, module.weight, module.bias)  # trained after all (full mode): the ordinary path
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, module.weight, module.bias)
+    return matmul_wt(x, module.weight, module.bias)
+
+
+def use_fast_frozen_linears(model: nn.Module) -> int:
+    """Route every frozen `nn.Linear` that is called as a module (the bases inside LoRA wrappers) through
+    `_FrozenLinear`; returns how many. Only where it pays: CPU fp32 with oneDNN. The module's parameters,
+    state dict and results (to rounding) are unchanged."""
+    if not _ONEDNN:
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and not m.weight.requires_grad and "forward" not in m.__dict__:
+            m.forward = functools.partial(_frozen_linear_forward, m)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the loss
 
 
@@ -49,18 +115,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         for a in range(0, n, chunk):
             hc, tc = h[a: a + chunk].to(compute_dtype), targets[a: a + chunk]
-            logits = (hc @ w.t()).float()
+            logits = matmul_wt(hc, w).float()
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(hc.shape[0], device=h.device)
-            total += (lse - logits[rows, tc]).sum()
+            top = logits.amax(dim=-1, keepdim=True)
+            target = logits[rows, tc] - top[:, 0]
+            # exp(x - max), in the logits' memory. Clamped at -80 so no result is a subnormal float (e^-80 is
+            # 1.8e-35, above fp32's smallest normal 1.2e-38): subnormal arithmetic is ~100x slower on x86, and a
+            # trained model's softmax has many such tails. What is dropped is below 1e-34 per token.
+            probs = logits.sub_(top).clamp_(min=-80.0).exp_()
+            norm = probs.sum(dim=-1)
+            total += (norm.log() - target).sum()
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                probs.div_(norm[:, None])  # softmax
                 probs[rows, tc] -= 1.0  # d CE / d logits
                 p = probs.to(compute_dtype)
                 if need_h:
-                    grad_h[a: a + chunk] = (p @ w).to(h.dtype)
+                    grad_h[a: a + chunk] = matmul_wt(p, w.t()).to(h.dtype)
                 if need_w:
                     grad_w += (p.t() @ hc).float()
                     if grad_b is not None:
@@ -208,7 +280,7 @@ class _FrozenQuantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w = ctx.module.weight.dequantize(grad.dtype)
-        return grad @ w, None
+        return matmul_wt(grad.contiguous(), w.t()), None
 
 
 def _quant_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +300,13 @@ def make_quantized_differentiable(model: nn.Module) -> int:
             m.forward = functools.partial(_quant_forward, m)
             n += 1
     return n
+
+
+def prepare_for_training(model: nn.Module) -> None:
+    """What `gyrfalcon finetune` does to a model with adapters (or a quantized base) before training: gradients
+    through quantized Linears, and frozen Linears on the fast GEMM."""
+    make_quantized_differentiable(model)
+    use_fast_frozen_linears(model)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
