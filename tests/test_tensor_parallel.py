@@ -232,6 +232,20 @@ def test_generate_tp2_equals_one_process():
     assert got["text"] == want.text
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["-m", str(TINY_MAMBA)], "not supported for Falcon-Mamba"),
+    (["--device-map", "auto"], "--tp and --device-map"),
+])
+def test_tp_refusals_come_before_any_process_starts(capsys, extra, message):
+    from gyrfalcon.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "ROMEO:", "-n", "2", "--tp", "2", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def _rank_pids(root: int) -> dict[int, int]:
     import psutil
 

@@ -142,7 +142,10 @@ class Leader:
             return
         self.closed = True
         if self.healthy and dist.is_initialized():
-            _broadcast(("stop",), self.group)
+            try:
+                _broadcast(("stop",), self.group)
+            except RuntimeError:  # a follower is gone (torchrun is stopping the group and says which one)
+                return
             release_groups(self.model)
 
 
