@@ -72,8 +72,10 @@ def check_model(model_dir: str, group, quantize: str | None = None) -> dict:
                                                                                                       strict=True)),
                                       "logit_scale": float(want[0].abs().max())})
     row["ranks"] = gathered
-    row["checkpoint_bytes"] = sum(p.numel() * p.element_size() for p in ref.state_dict().values()
-                                  if p.device.type != "meta") if quantize is None else None
+    from ..weights import find_checkpoint, read_safetensors_header
+
+    row["checkpoint_bytes"] = sum(i.nbytes for f in find_checkpoint(model_dir).files
+                                  for i in read_safetensors_header(f)[0].values())
     row["argmax_equal"] = all(bool((a.argmax(-1) == b.argmax(-1)).all()) for a, b in zip(got, want, strict=True))
     return row
 
@@ -102,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 read = [x["bytes_read"] for x in r["ranks"]]
                 print(f"{r['model']} ({r['layout']}, {r['quantize'] or 'fp32'}): max |logit diff| {diff:.2e}, "
                       f"argmax equal {r['argmax_equal']}, bytes read per rank {read}"
+                      + f" of {r['checkpoint_bytes']}"
                       + (f", error vs fp32: tp {r['quant_error_tp']:.3f} single {r['quant_error_single']:.3f}"
-                         if r["quantize"] else f" of {r['checkpoint_bytes']}"))
+                         if r["quantize"] else ""))
     dist.destroy_process_group()
     return 0
 
