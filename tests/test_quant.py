@@ -53,7 +53,8 @@ def test_int8_roundtrip_error_is_half_a_step():
     q, scale = int8.quantize_int8(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     err = (int8.dequantize_int8(q, scale) - w).abs()
-    assert bool((err <= scale.unsqueeze(1) / 2 * (1 + 1e-6)).all())
+    # half a step, plus the fp32 rounding of w * (127 / absmax) and of q * scale (a few ulps of |w|)
+    assert bool((err <= scale.unsqueeze(1) / 2 * (1 + 1e-6) + w.abs() * 2.0**-21).all())
     assert bool((int8.dequantize_int8(q, scale)[3] == 0).all())
     q2, s2 = int8.quantize_int8_chunked(w, rows=7)
     assert torch.equal(q, q2) and torch.equal(scale, s2)
@@ -184,11 +185,25 @@ def test_every_layout_quantizes_and_stays_close(layout, mode):
     with torch.inference_mode():
         a, b = ref(ids), model(ids)
     assert float((a - b).norm() / a.norm()) < REL_TOL[mode]
-    # Decoding token by token (matrix-vector kernels) agrees with one forward over the sequence (prefill tiles).
-    cache = model.new_cache(2, 16)
-    with torch.inference_mode():
-        steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 9)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), b, rtol=2e-3, atol=2e-3 * float(b.abs().max()))
+    # Decoding token by token (matrix-vector kernels) agrees with one forward over the sequence (prefill tiles, in
+    # fp32 here; the bf16 tiles, the default where the CPU has native bf16, add ~0.5-1% of RMS on these random
+    # models, checked below against the fp32 tiles).
+    import gyrfalcon.quant.linear as lin
+
+    old = lin._PREFILL
+    try:
+        lin.set_prefill("fp32")
+        cache = model.new_cache(2, 16)
+        with torch.inference_mode():
+            b32 = model(ids)
+            steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 9)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), b32, rtol=2e-3, atol=2e-3 * float(b32.abs().max()))
+        lin.set_prefill("bf16")
+        with torch.inference_mode():
+            b16 = model(ids)
+        assert float((b16 - b32).norm() / b32.norm()) < 0.03
+    finally:
+        lin._PREFILL = old
 
 
 def test_tied_head_and_embedding_share_one_int8_matrix():
@@ -426,3 +441,26 @@ def test_cuda_model_loads_quantized(float_dir):
     assert llm.device.type == "cuda"
     (c,) = llm.generate("ROMEO:", max_new_tokens=8, temperature=0.0, ignore_eos=True)
     assert len(c.token_ids) == 8
+
+
+def test_release_rows_only_touches_file_backed_views(tmp_path):
+    """Streaming quantization drops the pages of rows it has read from a mapped checkpoint: a file-backed view reads
+    back the file's bytes afterwards, and anonymous memory is never released."""
+    import mmap
+
+    from gyrfalcon.quant import swap
+
+    data = torch.arange(4 * 4096, dtype=torch.float32)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data.numpy().tobytes())
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = torch.frombuffer(mm, dtype=torch.float32).view(4, 4096)
+    start, end = view.data_ptr(), view.data_ptr() + view.nbytes
+    assert swap._file_backed(start, end)
+    assert not swap._file_backed(data.data_ptr(), data.data_ptr() + data.nbytes)
+    if swap._MADVISE is not None:
+        swap._release_rows(start, end)
+        assert torch.equal(view, data.view(4, 4096))  # re-read from the file
+    del view
+    mm.close()

@@ -5,8 +5,12 @@ Tolerances (written from the kernel's arithmetic, see gyrfalcon/kernels/quant_cp
   4-bit code values to multiples of 1/8191 (error <= absmax / 16382 each); products are exact in int32 and
   blocks are summed in fp32. So |y - y_ref| <= sum_k |W[n,k]| xmax_blk(k) / 65534 + sum_k absmax[n,k] |x_k| / 16382
   + fp32 rounding; the test allows 4x that bound plus 1e-5 relative to sum_k |W x|.
-* dequantization (the prefill tiles) is exact: bitwise equal to the reference dequantization.
-* prefill (> 8 rows): fp32 matmul of the exact weights: close to F.linear at fp32 matmul precision.
+* dequantization (the prefill tiles) is exact: bitwise equal to the reference dequantization; the bf16 tiles are
+  bitwise the reference's fp32 values rounded to nearest-even bf16 (int8: the codes, exact in bf16).
+* prefill (> 8 rows), fp32 tiles: fp32 matmul of the exact weights: close to F.linear at fp32 matmul precision.
+* prefill, bf16 tiles (the default where the CPU has native bf16): x and W each rounded to bf16 (relative error
+  <= 2^-9 each), fp32 accumulation, the output rounded to bf16 (<= 2^-9 of the accumulated sum), so
+  |y - y_ref| <= (3 * 2^-9 + O(2^-16)) * sum_k |W[n,k] x[k]|; the test allows 2^-7 of that sum.
 """
 
 from __future__ import annotations
@@ -81,17 +85,64 @@ def test_dequantized_tiles_are_exact(fmt, shape):
         assert torch.equal(out, ref[a:b])
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_prefill_tiles_match_reference(fmt, monkeypatch):
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(37, 64), (50, 100), (300, 33)])
+def test_bf16_tiles_are_the_rounded_reference(fmt, shape):
+    n, k = shape
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.1
+    qw = _weight(fmt, w)
+    ref = qw.q.to(torch.bfloat16) if fmt == "int8" else qw.dequantize(torch.float32).to(torch.bfloat16)
+    for a, b in [(0, n), (5, 17), (n - 1, n)]:
+        out = torch.empty(b - a, k, dtype=torch.bfloat16)
+        qw._dequant_rows_bf16(cpu, a, b, out)
+        assert torch.equal(out, ref[a:b])
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def prefill_mode(request):
+    import gyrfalcon.quant.linear as lin
+
+    old = lin._PREFILL
+    lin.set_prefill(request.param)
+    yield request.param
+    lin._PREFILL = old
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(203, 100), (64, 1000), (300, 33)])
+def test_prefill_tiles_match_reference(fmt, shape, prefill_mode, monkeypatch):
     import gyrfalcon.quant.linear as lin
 
     monkeypatch.setattr(lin, "_TILE_BYTES", 4096)  # many tiles, a short last one
-    w = torch.randn(203, 100, generator=torch.Generator().manual_seed(5)) * 0.05
+    monkeypatch.setattr(lin, "_TILE_BYTES_BF16", 2048)
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
     qw = _weight(fmt, w)
-    bias = torch.randn(203)
-    x = torch.randn(2, 11, 100)  # 22 rows: the tiled path
-    ref = F.linear(x, qw.dequantize(torch.float32), bias)
-    torch.testing.assert_close(qw.linear(x, bias), ref, rtol=1e-5, atol=1e-5)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(2, 11, k, generator=g)  # 22 rows: the tiled path
+    x[..., k // 3] *= 30  # an outlier feature
+    wd = qw.dequantize(torch.float32)
+    ref = F.linear(x, wd, bias)
+    y = qw.linear(x, bias)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    if prefill_mode == "fp32":
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    else:
+        bound = 2.0**-7 * (x.abs() @ wd.abs().t()) + 1e-6
+        err = (y - ref).abs()
+        assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+        assert err.max() > 0  # bf16 really ran (an fp32 product would match to ~1e-7)
+
+
+def test_auto_prefill_is_bf16_only_with_native_bf16(monkeypatch):
+    import gyrfalcon.quant.linear as lin
+
+    monkeypatch.setattr(lin, "_PREFILL", "auto")
+    monkeypatch.setattr(lin, "_NATIVE_BF16", None)
+    assert lin._prefill_bf16(cpu) == cpu.native_bf16()
+    with pytest.raises(ValueError, match="prefill mode"):
+        lin.set_prefill("int4")
 
 
 def test_bf16_inputs_come_back_bf16():
@@ -131,3 +182,31 @@ def test_no_compiler_falls_back_to_reference_with_a_warning(tmp_path, monkeypatc
     qw = Int8Weight.from_float(torch.randn(16, 64))
     x = torch.randn(1, 64)
     assert torch.equal(qw.linear(x), F.linear(x, qw.dequantize()))  # the reference path, exactly
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_module_decode_shortcut_equals_weight_linear(fmt):
+    from gyrfalcon.quant.linear import QuantLinear
+
+    g = torch.Generator().manual_seed(9)
+    qw = _weight(fmt, torch.randn(48, 100, generator=g) * 0.05)
+    bias = torch.randn(48, generator=g)
+    for b in (None, bias, bias.double()):
+        mod = QuantLinear(qw, b)
+        for shape in [(1, 100), (1, 1, 100), (2, 3, 100), (9, 100)]:
+            x = torch.randn(*shape, generator=g)
+            with torch.inference_mode():
+                y = mod(x)
+            assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+            assert torch.equal(y, qw.linear(x, None if b is None else b.float()))
+
+
+def test_llm_int8_module_keeps_its_mixed_product():
+    from gyrfalcon.quant import int8
+    from gyrfalcon.quant.linear import QuantLinear
+
+    qw = Int8Weight.from_float(torch.randn(32, 64) * 0.05, threshold=6.0)
+    x = torch.randn(1, 64)
+    x[0, 3] = 20.0  # an outlier feature: LLM.int8 computes it in fp32
+    with torch.inference_mode():
+        assert torch.equal(QuantLinear(qw)(x), int8.llm_int8_linear(x, qw.q, qw.scale, None, 6.0))

@@ -56,6 +56,8 @@ _SIGNATURES = {
     "gf_dequant_i8": [_p, _p, _i64, _i64, _i64, _p, _int],
     "gf_gemv_q4": [_p, _p, _p, _p, _p, _f32, _p, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_dequant_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
+    "gf_dequant_bf16_i8": [_p, _i64, _i64, _i64, _p, _int],
+    "gf_dequant_bf16_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
     "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
     "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_simd": [],
@@ -281,3 +283,34 @@ def dequant_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       _ptr(absmax2), _ptr(code2), float(offset), code.data_ptr(), n0, n1, k, kp, out.data_ptr(),
                       torch.get_num_threads())
     return out
+
+
+def dequant_int8_bf16(w: torch.Tensor, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """out [n1 - n0, K] bf16 (contiguous) = the int8 codes of rows n0..n1, exactly (the row scales are not applied:
+    the caller multiplies the product by them in fp32)."""
+    lib = _load()
+    lib.gf_dequant_bf16_i8(w.data_ptr(), n0, n1, w.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def dequant_4bit_bf16(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, k: int, kp: int, n0: int,
+                      n1: int, out: torch.Tensor, absmax2: torch.Tensor | None = None,
+                      code2: torch.Tensor | None = None, offset: float = 0.0) -> torch.Tensor:
+    """out [n1 - n0, K] bf16 (contiguous) = rows n0..n1 of the 4-bit weight: the reference's fp32 values rounded to
+    the nearest bf16."""
+    lib = _load()
+    dq = absmax.dtype == torch.uint8
+    lib.gf_dequant_bf16_q4(packed.data_ptr(), None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None,
+                           _ptr(absmax2), _ptr(code2), float(offset), code.data_ptr(), n0, n1, k, kp,
+                           out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def native_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512_BF16 or AMX) and torch's oneDNN uses it: a bf16
+    matrix product then runs at about twice the fp32 rate."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and ("avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()))
+    except (AttributeError, RuntimeError):
+        return False

@@ -49,7 +49,7 @@
 #define MAXB 8
 
 int gf_simd(void) { return GF_AVX2; }
-int gf_version(void) { return 3; }
+int gf_version(void) { return 4; }
 
 /* Position p of a block in the 4-bit kernel's register order -> element index within the block (see gemv_q4). */
 static int q4_perm(int p) {
@@ -425,6 +425,74 @@ void gf_dequant_q4(const uint8_t *packed, const float *absf, const uint8_t *absq
                     uint8_t byte = pr[k / 2];
                     o[k] = lut[(k & 1) ? (byte & 15) : (byte >> 4)];
                 }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* bf16 tiles for the prefill product on CPUs with native bf16 arithmetic (see gyrfalcon/quant/linear.py). */
+
+/* fp32 -> bf16 bits, rounded to nearest even (weights are finite: no NaN handling needed). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* out [n1 - n0, K] bf16 bits = rows n0..n1 of W, rounded to bf16. For int8 the codes themselves are written (every
+ * integer in [-127, 127] is exact in bf16) and the caller applies the row scales to the product in fp32. */
+void gf_dequant_bf16_i8(const int8_t *w, int64_t n0, int64_t n1, int64_t K, uint16_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * K;
+        uint16_t *o = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; k++) o[k] = f32_to_bf16((float)wr[k]); /* exact; the compiler vectorizes it */
+    }
+}
+
+void gf_dequant_bf16_q4(const uint8_t *packed, const float *absf, const uint8_t *absq, const float *absmax2,
+                        const float *code2, float offset, const float *code, int64_t n0, int64_t n1, int64_t K,
+                        int64_t KP, uint16_t *out, int nthreads) {
+    q4w q = {packed, absf, absq, absmax2, code2, offset};
+    int64_t nb = KP / QB;
+#if defined(__AVX512BW__)
+    /* A full block: its 16 bf16 values (code * absmax, rounded as f32_to_bf16 does) become a word table; the 64
+     * nibbles are looked up with vpermw (high nibbles = even elements, low = odd) and interleaved back. */
+    const __m512 vcode = _mm512_loadu_ps(code);
+    int16_t i0[32], i1[32];
+    for (int j = 0; j < 32; j++) {
+        i0[j] = (int16_t)((j & 1) ? 32 + j / 2 : j / 2);
+        i1[j] = (int16_t)(16 + ((j & 1) ? 32 + j / 2 : j / 2));
+    }
+    const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1);
+#endif
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *pr = packed + n * (KP / 2);
+        uint16_t *o = out + (n - n0) * K;
+        for (int64_t j = 0; j < nb; j++) {
+            float am = block_absmax(&q, n * nb + j);
+#if defined(__AVX512BW__)
+            if ((j + 1) * QB <= K) {
+                __m512i u = _mm512_castps_si512(_mm512_mul_ps(vcode, _mm512_set1_ps(am)));
+                __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+                __m512i tab = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r)); /* words 0..15; 16..31 unused */
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(pr + j * (QB / 2))));
+                __m512i ev = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), tab);
+                __m512i od = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), tab);
+                _mm512_storeu_si512(o + j * QB, _mm512_permutex2var_epi16(ev, idx0, od));
+                _mm512_storeu_si512(o + j * QB + 32, _mm512_permutex2var_epi16(ev, idx1, od));
+                continue;
+            }
+#endif
+            uint16_t lut[16]; /* the fp32 product code * absmax of the reference path, then rounded to bf16 */
+            for (int i = 0; i < 16; i++) lut[i] = f32_to_bf16(code[i] * am);
+            int64_t k0 = j * QB, k1 = k0 + QB < K ? k0 + QB : K;
+            for (int64_t k = k0; k < k1; k++) {
+                uint8_t byte = pr[k / 2];
+                o[k] = lut[(k & 1) ? (byte & 15) : (byte >> 4)];
             }
         }
     }

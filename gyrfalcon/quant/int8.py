@@ -15,6 +15,8 @@ arithmetic against q. `llm_int8_linear` is that product, written plainly (the re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 DEFAULT_THRESHOLD = 6.0
@@ -31,14 +33,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, absmax / 127.0
 
 
-def quantize_int8_chunked(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_chunked(w: torch.Tensor, rows: int = 4096,
+                          done: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_int8` a block of rows at a time, so the fp32 temporaries stay small for huge matrices (the 65k-row
-    embedding of Falcon-40B); the result is identical."""
+    embedding of Falcon-40B); the result is identical. `done(a, b)` is called once rows a..b have been read."""
     n = w.shape[0]
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(n, dtype=torch.float32, device=w.device)
     for a in range(0, n, rows):
         q[a : a + rows], scale[a : a + rows] = quantize_int8(w[a : a + rows])
+        if done is not None:
+            done(a, min(n, a + rows))
     return q, scale
 
 

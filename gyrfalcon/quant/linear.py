@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,11 @@ from . import int4, int8
 _BACKEND = os.environ.get("GYRFALCON_QUANT_BACKEND", "auto")
 _DECODE_ROWS = 8  # at most this many input rows go through the matrix-vector kernels
 _TILE_BYTES = 4 << 20  # fp32 bytes of one dequantized tile (prefill path): measured best of 1-16 MiB here
+_TILE_BYTES_BF16 = 2 << 20  # the same for bf16 tiles
+# Prefill product: "fp32" tiles (exact weights, fp32 matmul), "bf16" tiles (weights and activations rounded to
+# bf16, fp32 accumulation, output rounded to bf16: about twice as fast where the CPU multiplies bf16 natively),
+# or "auto": bf16 where native (AVX512_BF16 / AMX), else fp32.
+_PREFILL = os.environ.get("GYRFALCON_QUANT_PREFILL", "auto")
 
 
 def set_backend(name: str) -> None:
@@ -58,18 +64,25 @@ def backend(name: str):
         set_backend(old)
 
 
+_KERNELS = None  # gyrfalcon.kernels.cpu, imported at first use
+
+
 def _cpu_kernels():
+    global _KERNELS
     if _BACKEND != "auto":
         return None
-    from ..kernels import cpu
+    if _KERNELS is None:
+        from ..kernels import cpu
 
-    return cpu if cpu.available() else None
+        _KERNELS = cpu
+    return _KERNELS if _KERNELS.available() else None
 
 
 class QuantWeight:
     """Base of the quantized matrices. Subclasses define `parts`, `dequantize`, `_cpu_linear`, `embedding`."""
 
     format: str = ""
+    plain = True  # `linear` is the plain product x W^T (False: LLM.int8's mixed product)
 
     def __init__(self, shape: tuple[int, int], compute_dtype: torch.dtype):
         self.shape = torch.Size(shape)
@@ -187,6 +200,8 @@ class QuantWeight:
 
     def _tiled(self, kern, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Prefill: y = x W^T with W dequantized (exactly, fp32) a tile of rows at a time into a reused buffer."""
+        if _prefill_bf16(kern):
+            return self._tiled_bf16(kern, x2, bias)
         n, k = self.shape
         rows = max(8, min(n, _TILE_BYTES // (4 * k)))
         buf = torch.empty(rows, k, dtype=torch.float32)
@@ -202,8 +217,54 @@ class QuantWeight:
             y = y + bias
         return y.contiguous()
 
+    def _tiled_bf16(self, kern, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Prefill in bf16: x and each tile of W rounded to bf16, multiplied by oneDNN's bf16 GEMM (fp32
+        accumulation, bf16 output), then the fp32 row scales (int8) and the bias applied in fp32."""
+        n, k = self.shape
+        rows = max(8, min(n, _TILE_BYTES_BF16 // (2 * k)))
+        buf = torch.empty(rows, k, dtype=torch.bfloat16)
+        xb = x2.to(torch.bfloat16)
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            tile = buf[: b - a]
+            self._dequant_rows_bf16(kern, a, b, tile)
+            y[:, a:b] = F.linear(xb, tile)
+        scale = self._row_scale()
+        if scale is not None:
+            y.mul_(scale)
+        if bias is not None:
+            y.add_(bias)
+        return y
+
+    def _row_scale(self) -> torch.Tensor | None:
+        """A per-output scale the bf16 tiles leave out (int8: the row scales), or None."""
+        return None
+
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _prefill_bf16(kern) -> bool:
+    if _PREFILL == "bf16":
+        return True
+    if _PREFILL == "auto":
+        global _NATIVE_BF16
+        if _NATIVE_BF16 is None:
+            _NATIVE_BF16 = kern.native_bf16()
+        return _NATIVE_BF16
+    return False
+
+
+_NATIVE_BF16: bool | None = None
+
+
+def set_prefill(mode: str) -> None:
+    """The CPU prefill product (more than 8 rows): "auto", "bf16" or "fp32" (see `_PREFILL`)."""
+    global _PREFILL
+    if mode not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"prefill mode must be 'auto', 'bf16' or 'fp32', got {mode!r}")
+    _PREFILL = mode
 
 
 class Int8Weight(QuantWeight):
@@ -219,10 +280,15 @@ class Int8Weight(QuantWeight):
         self.threshold = threshold
         self._desc = None
 
+    @property
+    def plain(self) -> bool:
+        return self.threshold is None
+
     @classmethod
     def from_float(cls, w: torch.Tensor, compute_dtype: torch.dtype | None = None,
-                   threshold: float | None = None) -> Int8Weight:
-        q, scale = int8.quantize_int8_chunked(w.detach())
+                   threshold: float | None = None, done: Callable[[int, int], None] | None = None) -> Int8Weight:
+        """`done(a, b)` (optional) is told when rows a..b of `w` have been read for the last time."""
+        q, scale = int8.quantize_int8_chunked(w.detach(), done=done)
         return cls(q, scale, compute_dtype or (w.dtype if w.is_floating_point() else torch.float32), threshold)
 
     @classmethod
@@ -247,6 +313,12 @@ class Int8Weight(QuantWeight):
 
     def _dequant_rows(self, kern, a, b, out):
         kern.dequant_int8(self.q, self.scale, a, b, out)
+
+    def _dequant_rows_bf16(self, kern, a, b, out):
+        kern.dequant_int8_bf16(self.q, a, b, out)
+
+    def _row_scale(self) -> torch.Tensor:
+        return self.scale
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.q[ids].float() * self.scale[ids].unsqueeze(-1)
@@ -279,9 +351,10 @@ class Int4Weight(QuantWeight):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None,
-                   double_quant: bool = True, rows: int | None = None) -> Int4Weight:
+                   double_quant: bool = True, rows: int | None = None,
+                   done: Callable[[int, int], None] | None = None) -> Int4Weight:
         """Quantize [N, K]; rows are padded to KP and quantized a chunk at a time (bounded temporaries); the
-        result equals `int4.quantize_4bit(pad_rows(w))`."""
+        result equals `int4.quantize_4bit(pad_rows(w))`. `done(a, b)`: as for `Int8Weight.from_float`."""
         w = w.detach()
         n, k = w.shape
         kp = int4.padded_width(k)
@@ -292,6 +365,8 @@ class Int4Weight(QuantWeight):
             q = int4.quantize_4bit(int4.pad_rows(w[a : a + rows]), quant_type, double_quant=False)
             packed[a : a + rows] = q.packed.view(-1, kp // 2)
             absmax[a : a + rows] = q.absmax.view(-1, kp // int4.BLOCKSIZE)
+            if done is not None:
+                done(a, min(n, a + rows))
         absmax2 = offset = None
         if double_quant:
             dq = int4.double_quantize(int4.Quant4bit(packed.view(-1), absmax.view(-1), (n, kp), quant_type))
@@ -346,6 +421,11 @@ class Int4Weight(QuantWeight):
         args = self._kernel_args()
         kern.dequant_4bit(self.q, self.absmax, args["code"], self.shape[1], self.kp, a, b, out, args["absmax2"],
                           args["code2"], args["offset"])
+
+    def _dequant_rows_bf16(self, kern, a, b, out):
+        args = self._kernel_args()
+        kern.dequant_4bit_bf16(self.q, self.absmax, args["code"], self.shape[1], self.kp, a, b, out,
+                               args["absmax2"], args["code2"], args["offset"])
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -422,7 +502,21 @@ class QuantLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _InputGradLinear.apply(x, self)
-        return self.weight.linear(x, self.bias)
+        w = self.weight
+        # Decoding: a few fp32 rows on CPU go straight to the matrix-vector kernel. This is what `w.linear` does
+        # for them too, minus its checks and conversions: a decode step makes ~4 such calls per layer, and the
+        # Python around each one costs as much as a small layer's kernel.
+        if x.dtype is torch.float32 and x.device.type == "cpu" and w.plain and x.is_contiguous():
+            k = x.shape[-1]
+            m = x.numel() // k if k else 0
+            if 0 < m <= _DECODE_ROWS:
+                kern = _cpu_kernels()
+                if kern is not None:
+                    bias = self.bias
+                    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+                        bias = bias.detach().float().contiguous()
+                    return kern.gemv(w._descriptor(kern), x.view(m, k), bias).view(*x.shape[:-1], w.shape[0])
+        return w.linear(x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -20,8 +20,12 @@ while it is being quantized and peak memory is about the quantized model plus th
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import json
+import mmap
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,15 +112,16 @@ def plan_model(model: nn.Module, qc: QuantConfig) -> Plan:
     return Plan(formats, tied)
 
 
-def make_weight(w: torch.Tensor, fmt: str, compute_dtype: torch.dtype, qc: QuantConfig | None = None) -> QuantWeight:
-    """Quantize one float [out, in] matrix to `fmt`."""
+def make_weight(w: torch.Tensor, fmt: str, compute_dtype: torch.dtype, qc: QuantConfig | None = None,
+                done: Callable[[int, int], None] | None = None) -> QuantWeight:
+    """Quantize one float [out, in] matrix to `fmt`. `done(a, b)` (optional) hears when rows a..b were last read."""
     double_quant = qc.double_quant if qc is not None else True
     if fmt == "int8":
-        return Int8Weight.from_float(w, compute_dtype)
+        return Int8Weight.from_float(w, compute_dtype, done=done)
     if fmt == "llm.int8":
-        return Int8Weight.from_float(w, compute_dtype, threshold=qc.threshold if qc is not None else 6.0)
+        return Int8Weight.from_float(w, compute_dtype, threshold=qc.threshold if qc is not None else 6.0, done=done)
     if fmt in ("nf4", "fp4"):
-        return Int4Weight.from_float(w, fmt, compute_dtype, double_quant)
+        return Int4Weight.from_float(w, fmt, compute_dtype, double_quant, done=done)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -199,11 +204,66 @@ class StreamQuantizer:
         return default
 
     def convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Quantize a planned weight; the float `tensor` is consumed (the loader drops it when we return another
+        tensor), so the pages of rows already quantized leave the resident set as we go (`_release_rows`)."""
         fmt = self.targets.get(name)
         if fmt is None or tensor.dim() != 2:
             return tensor
-        self.weights[name[: -len(".weight")]] = make_weight(tensor, fmt, self.compute_dtype, self.qc)
+        done = None
+        if (tensor.device.type == "cpu" and tensor.is_contiguous() and _MADVISE is not None
+                and _file_backed(tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes)):
+            row = tensor.shape[1] * tensor.element_size()
+            base = tensor.data_ptr()
+            done = lambda a, b: _release_rows(base + a * row, base + b * row)  # noqa: E731
+        self.weights[name[: -len(".weight")]] = make_weight(tensor, fmt, self.compute_dtype, self.qc, done)
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+
+
+def _file_backed(start: int, end: int) -> bool:
+    """True when [start, end) lies inside one mapping of a file (/proc/self/maps): the loader's zero-copy view of a
+    checkpoint. Anything else (a converted copy, a tensor that may share its memory with another) is left alone."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= start and end <= hi:
+                    return len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _release_rows(start: int, end: int) -> None:
+    """Drop the whole pages inside [start, end) (bytes of a tensor we have finished reading) from the resident set.
+
+    Why: the loader hands us a zero-copy view of the privately mapped checkpoint; its pages stay resident once read,
+    so without this, quantizing the 65k-row embedding would keep all of its fp32 bytes in memory until the end of
+    the tensor (the loader releases a tensor only after the hook returns). MADV_DONTNEED on clean pages of a
+    private file mapping just unmaps them (a later read would fetch the file again); on anonymous memory (a
+    converted copy) the pages would read back as zeros, so only file-backed views are released (`_file_backed`). Rounded
+    inwards, so no byte outside [start, end) is affected.
+    """
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page
+    hi = end // page * page
+    if hi > lo:
+        _MADVISE(lo, hi - lo, mmap.MADV_DONTNEED)
 
 
 class _KeepScalesFp32:
