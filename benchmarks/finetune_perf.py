@@ -163,7 +163,8 @@ def worker_demo(a: argparse.Namespace) -> dict:
     answers = {}
     for name, llm in (("before", before), ("after", after)):
         res = llm.generate(prompt, max_new_tokens=48, temperature=0.0, stop=["\nUser:"])
-        answers[name] = getattr(res, "text", res if isinstance(res, str) else str(res))
+        first = res[0] if isinstance(res, list) else res
+        answers[name] = getattr(first, "text", str(first))
     rows = a.steps * 4
     return {"impl": "gyrfalcon finetune", "quantize": a.quantize, "rc": rc, "steps": a.steps,
             "eval_loss_before": summary["eval_loss_before"], "eval_loss_after": summary["eval_loss"],

@@ -279,7 +279,7 @@ def run_fingerprint(a: argparse.Namespace) -> dict[str, Any]:
 # outputs
 
 
-def write_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> bool:
+def write_loss_curve(history: list[dict[str, Any]], path: Path, title: str, eval_before: float | None = None) -> bool:
     """Training loss per step and held-out loss at each eval, as a PNG (False when matplotlib is missing)."""
     try:
         import matplotlib
@@ -291,6 +291,8 @@ def write_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> b
     steps = [r["step"] for r in history if "loss" in r]
     losses = [r["loss"] for r in history if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if eval_before is not None:
+        ev.insert(0, (0, eval_before))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, lw=1, label="train (assistant tokens)")
     if ev:
@@ -405,7 +407,7 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
     if main:
         save_outputs(a, llm, model, lora_cfg, out)
         png = write_loss_curve(result.history, out / "loss_curve.png",
-                               f"{'full' if a.full else 'LoRA'} fine-tune, {a.steps} steps")
+                               f"{'full' if a.full else 'LoRA'} fine-tune, {a.steps} steps", eval_before)
         summary = {
             "commands": commands, "run": fingerprint, "data": data_info, "world_size": world,
             "trainable_parameters": trainable, "total_parameters": total, "steps": result.step,
