@@ -35,6 +35,14 @@ def _onednn_ok() -> bool:
 _ONEDNN = _onednn_ok()
 
 
+def _compiling() -> bool:
+    """Inside torch.compile tracing: the ctypes kernel would break the graph, so the module call is traced."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - torch without torch.compiler
+        return False
+
+
 def no_grad_needed(t: torch.Tensor) -> bool:
     """True when `t` can be updated in place: autograd is off, or nothing tracks it."""
     return not (torch.is_grad_enabled() and t.requires_grad)
@@ -43,7 +51,7 @@ def no_grad_needed(t: torch.Tensor) -> bool:
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`mod(x)` for any module; for a plain fp32 `nn.Linear` on CPU, the same product by the fastest routine."""
     if (not FAST or type(mod) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32
-            or mod._forward_hooks or mod._forward_pre_hooks):
+            or mod._forward_hooks or mod._forward_pre_hooks or _compiling()):
         return mod(x)
     w, bias = mod.weight, mod.bias
     tracked = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
@@ -61,7 +69,7 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     elif rows <= FEW_ROWS:
         y = torch.mm(w, x2.t()) if bias is None else torch.addmm(bias[:, None], w, x2.t())
         y = y.t().contiguous()
-    elif _ONEDNN:
+    elif _ONEDNN and w.is_contiguous():  # (a strided weight sends oneDNN down a path ~1000x slower)
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, "none", [], "")
     else:
         y = F.linear(x2, w, bias)
