@@ -210,3 +210,19 @@ def test_llm_int8_module_keeps_its_mixed_product():
     x[0, 3] = 20.0  # an outlier feature: LLM.int8 computes it in fp32
     with torch.inference_mode():
         assert torch.equal(QuantLinear(qw)(x), int8.llm_int8_linear(x, qw.q, qw.scale, None, 6.0))
+
+
+@pytest.mark.skipif(cpu.isa() != "avx512-vnni", reason="the AVX2 fallback is what runs here already")
+def test_avx2_fallback_matches_reference(tmp_path):
+    """On an AVX-512 machine the AVX2 paths are not compiled by default: build them (GYRFALCON_KERNELS_ISA=avx2)
+    in a subprocess and run the matrix-vector grid there."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GYRFALCON_KERNELS_ISA": "avx2", "GYRFALCON_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = ("import sys, pytest; from gyrfalcon.kernels import cpu; assert cpu.isa() == 'avx2', cpu.isa(); "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gemv_matches or module_decode', "
+            f"{__file__!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -99,6 +99,16 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
+def _isa_flags() -> tuple[str, ...]:
+    """`GYRFALCON_KERNELS_ISA=avx2` builds without AVX-512 (to test or compare the AVX2 paths on an AVX-512 CPU)."""
+    isa = os.environ.get("GYRFALCON_KERNELS_ISA", "native").lower()
+    if isa == "avx2":
+        return ("-mno-avx512f",)
+    if isa != "native":
+        raise RuntimeError(f"GYRFALCON_KERNELS_ISA must be 'native' or 'avx2', got {isa!r}")
+    return ()
+
+
 def build(force: bool = False) -> Path:
     """Compile the library if no cached build exists for this source, compiler and CPU; return its path.
     Raises RuntimeError with the compiler's output when no flag set compiles."""
@@ -111,6 +121,7 @@ def build(force: bool = False) -> Path:
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     for flags in FLAG_SETS:
+        flags = (*flags, *_isa_flags())
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), version.encode(),
                                          _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
         target = out_dir / f"gyrfalcon_cpu-{key}.so"
@@ -167,9 +178,15 @@ def unavailable_reason() -> str | None:
 
 
 def simd() -> bool:
-    """True when the library was built with the AVX2 code paths (else portable scalar C)."""
+    """True when the library was built with vector code paths (AVX2 or AVX-512; else portable scalar C)."""
     lib = _load()
     return bool(lib and lib.gf_simd())
+
+
+def isa() -> str:
+    """The matrix-vector kernels' instruction set: "avx512-vnni", "avx2", "scalar", or "none" (not loaded)."""
+    lib = _load()
+    return "none" if lib is None else {2: "avx512-vnni", 1: "avx2"}.get(int(lib.gf_simd()), "scalar")
 
 
 class WeightDesc(ctypes.Structure):
