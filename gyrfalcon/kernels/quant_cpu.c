@@ -337,7 +337,21 @@ GF_INLINE void gemv_q4_rows_t(const q4w *q, const int16_t *code16, const float *
         if (q->absf) {
             for (int64_t j = 0; j < nb; j++) sc[j] = q->absf[n * nb + j];
         } else {
-            for (int64_t j = 0; j < nb; j++) sc[j] = block_absmax(q, n * nb + j);
+            /* Double-quantized scales, 16 blocks at a time (done one by one, this took half of the loop's time):
+             * code2[absq[g]] * absmax2[g / 256] + offset, the same fp32 operations as block_absmax. */
+            int64_t j = 0;
+            const int64_t g0 = n * nb;
+            if (g0 + nb < ((int64_t)1 << 31)) {
+                const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                for (; j + 16 <= nb; j += 16) {
+                    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q->absq + g0 + j)));
+                    __m512 c = _mm512_i32gather_ps(idx, q->code2, 4);
+                    __m512i g = _mm512_add_epi32(_mm512_set1_epi32((int)(g0 + j)), iota);
+                    __m512 a2 = _mm512_i32gather_ps(_mm512_srli_epi32(g, 8), q->absmax2, 4);
+                    _mm512_storeu_ps(sc + j, _mm512_add_ps(_mm512_mul_ps(c, a2), _mm512_set1_ps(q->offset)));
+                }
+            }
+            for (; j < nb; j++) sc[j] = block_absmax(q, g0 + j);
         }
         if (B == 1)
             for (int64_t j = 0; j < nb; j++) sc[j] *= xs[j];
