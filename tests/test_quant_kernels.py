@@ -8,8 +8,8 @@ Tolerances (written from the kernel's arithmetic, see gyrfalcon/kernels/quant_cp
 * dequantization (the prefill tiles) is exact: bitwise equal to the reference dequantization; the bf16 tiles are
   bitwise the reference's fp32 values rounded to nearest-even bf16 (int8: the codes, exact in bf16).
 * prefill (> 8 rows), fp32 tiles: fp32 matmul of the exact weights: close to F.linear at fp32 matmul precision.
-* prefill, bf16 tiles (the default where the CPU has native bf16): x and W each rounded to bf16 (relative error
-  <= 2^-9 each), fp32 accumulation, the output rounded to bf16 (<= 2^-9 of the accumulated sum), so
+* prefill, bf16 tiles (the default where the CPU has native bf16, from 32 rows): x and W each rounded to bf16
+  (relative error <= 2^-9 each), fp32 accumulation, the output rounded to bf16 (<= 2^-9 of the accumulated sum), so
   |y - y_ref| <= (3 * 2^-9 + O(2^-16)) * sum_k |W[n,k] x[k]|; the test allows 2^-7 of that sum.
 """
 
@@ -115,6 +115,7 @@ def test_prefill_tiles_match_reference(fmt, shape, prefill_mode, monkeypatch):
 
     monkeypatch.setattr(lin, "_TILE_BYTES", 4096)  # many tiles, a short last one
     monkeypatch.setattr(lin, "_TILE_BYTES_BF16", 2048)
+    monkeypatch.setattr(lin, "_BF16_MIN_ROWS", 16)
     n, k = shape
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -133,6 +134,19 @@ def test_prefill_tiles_match_reference(fmt, shape, prefill_mode, monkeypatch):
         err = (y - ref).abs()
         assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
         assert err.max() > 0  # bf16 really ran (an fp32 product would match to ~1e-7)
+
+
+def test_bf16_tiles_only_from_min_rows(prefill_mode):
+    import gyrfalcon.quant.linear as lin
+
+    qw = _weight("int8", torch.randn(40, 96, generator=torch.Generator().manual_seed(6)) * 0.05)
+    ref32 = None
+    for rows in (lin._BF16_MIN_ROWS - 1, lin._BF16_MIN_ROWS):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        ref32 = F.linear(x, qw.dequantize(torch.float32))
+        err = float((qw.linear(x) - ref32).abs().max())
+        exact = prefill_mode == "fp32" or rows < lin._BF16_MIN_ROWS
+        assert (err < 1e-5) == exact, (rows, prefill_mode, err)
 
 
 def test_auto_prefill_is_bf16_only_with_native_bf16(monkeypatch):

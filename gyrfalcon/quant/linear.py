@@ -36,10 +36,13 @@ _BACKEND = os.environ.get("GYRFALCON_QUANT_BACKEND", "auto")
 _DECODE_ROWS = 8  # at most this many input rows go through the matrix-vector kernels
 _TILE_BYTES = 4 << 20  # fp32 bytes of one dequantized tile (prefill path): measured best of 1-16 MiB here
 _TILE_BYTES_BF16 = 2 << 20  # the same for bf16 tiles
-# Prefill product: "fp32" tiles (exact weights, fp32 matmul), "bf16" tiles (weights and activations rounded to
-# bf16, fp32 accumulation, output rounded to bf16: about twice as fast where the CPU multiplies bf16 natively),
-# or "auto": bf16 where native (AVX512_BF16 / AMX), else fp32.
+# Prefill product (more than 8 rows): "fp32" tiles (exact weights, fp32 matmul), "bf16" tiles (weights and
+# activations rounded to bf16, fp32 accumulation, output rounded to bf16: about twice as fast where the CPU
+# multiplies bf16 natively), or "auto": bf16 where native (AVX512_BF16 / AMX), else fp32.
 _PREFILL = os.environ.get("GYRFALCON_QUANT_PREFILL", "auto")
+# bf16 tiles only from this many rows (prompts, not a handful of decoding sequences): below it the product is
+# mostly reading and dequantizing weights, so bf16's faster arithmetic buys little and fp32 stays exact.
+_BF16_MIN_ROWS = 32
 
 
 def set_backend(name: str) -> None:
@@ -200,7 +203,7 @@ class QuantWeight:
 
     def _tiled(self, kern, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Prefill: y = x W^T with W dequantized (exactly, fp32) a tile of rows at a time into a reused buffer."""
-        if _prefill_bf16(kern):
+        if x2.shape[0] >= _BF16_MIN_ROWS and _prefill_bf16(kern):
             return self._tiled_bf16(kern, x2, bias)
         n, k = self.shape
         rows = max(8, min(n, _TILE_BYTES // (4 * k)))
