@@ -188,6 +188,18 @@ def run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune.cli import add_finetune_arguments
+
+    add_finetune_arguments(p)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune.cli import run_finetune as run
+
+    return run(args)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from .server.cli import add_serve_arguments
 
@@ -259,6 +271,8 @@ COMMANDS: dict[str, tuple[str, Args, Run]] = {
     "info": ("describe a model: layout, parameters, weight bytes, KV-cache bytes (the config alone is enough)",
              _info_args, run_info),
     "train": ("train a Falcon or Falcon-Mamba from scratch on a text file", _train_args, run_train),
+    "finetune": ("LoRA / QLoRA / full fine-tuning on chat or instruction data (PEFT adapters), or continued "
+                 "pretraining", _finetune_args, run_finetune),
     "serve": ("serve a model over HTTP: TGI and OpenAI APIs, continuous batching, a chat page at /",
               _serve_args, run_serve),
     "quantize": ("quantize a checkpoint to int8 / nf4 / fp4 and write it (loads later with no flag)",
