@@ -84,7 +84,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="warmup + cosine, or warmup-stable-decay (wsd)")
     t.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps spent decaying")
     t.add_argument("--decay-shape", choices=["linear", "exp"], default="linear", help="wsd: decay shape")
-    t.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    t.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps (default: 10, or a tenth of --steps when that is fewer)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     t.add_argument("--grad-checkpointing", "--gradient-checkpointing", action="store_true",
@@ -111,6 +112,8 @@ def validate_args(a: argparse.Namespace) -> None:
     _require(Path(a.data).is_file(), f"--data {a.data}: no such file")
     for dest in ("lora_r", "steps", "batch_size", "grad_accum", "seq_len"):
         _require(getattr(a, dest) >= 1, f"--{dest.replace('_', '-')} {getattr(a, dest)}: must be >= 1")
+    if a.warmup is None:  # a short run (e.g. --steps 10) should not fail on the default warmup
+        a.warmup = min(10, a.steps // 10) if a.steps >= 1 else 0
     for dest in ("warmup", "eval_every", "eval_batches", "save_every"):
         _require(getattr(a, dest) >= 0, f"--{dest.replace('_', '-')} {getattr(a, dest)}: must be >= 0")
     _require(math.isfinite(a.lr) and a.lr > 0, f"--lr {a.lr}: must be a positive number")
