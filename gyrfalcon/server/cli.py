@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import signal
 import sys
 import threading
+import time
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 1000**2, "mb": 1000**2,
@@ -125,14 +127,26 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def _cancel_after(server, serving, timeout: float) -> None:
-    """On the first SIGTERM/SIGINT, cancel every request still running `timeout` seconds later."""
+def _cancel_after(server, serving, timeout: float, cut_grace: float = 2.0) -> None:
+    """On the first SIGTERM/SIGINT, cancel every request still running `timeout` seconds later; `cut_grace`
+    seconds after that, drop the connections that are still open.
+
+    A cancelled stream ends with an error event, but a client that stopped reading cannot receive it: the
+    handler then waits in `send` on a full socket buffer until uvicorn's backstop cancels its task (a traceback,
+    and the drain takes 10 s longer). Aborting the transport discards the unread bytes and wakes that `send`."""
     handle_exit = server.handle_exit
     timer: list[threading.Timer] = []
 
+    def cancel_then_cut() -> None:
+        serving.cancel_all()
+        time.sleep(cut_grace)
+        loop = getattr(server, "_gf_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_abort_connections, server)
+
     def on_signal(sig, frame) -> None:
         if not timer:
-            timer.append(threading.Timer(timeout, serving.cancel_all))
+            timer.append(threading.Timer(timeout, cancel_then_cut))
             timer[0].daemon = True
             timer[0].start()
         handle_exit(sig, frame)
@@ -140,11 +154,19 @@ def _cancel_after(server, serving, timeout: float) -> None:
     server.handle_exit = on_signal
 
 
+def _abort_connections(server) -> None:
+    for conn in list(server.server_state.connections):
+        transport = getattr(conn, "transport", None)
+        if transport is not None:  # (also one closing with unsent bytes: close() would wait for the reader)
+            transport.abort()
+
+
 def _announce_port(server, host: str) -> None:
     """Print the URL once the socket is bound (with --port 0 that is the only way to learn the port)."""
     startup = server.startup
 
     async def startup_and_announce(sockets=None):
+        server._gf_loop = asyncio.get_running_loop()  # for the drain's connection cut (_cancel_after)
         await startup(sockets=sockets)
         for s in server.servers:
             for sock in s.sockets:
