@@ -250,6 +250,16 @@ def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return y
 
 
+def gemv_f32_unchecked(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                       out: torch.Tensor) -> None:
+    """`gemv_f32` for callers that have checked everything already (the decode path of models/fast_linear.py):
+    x contiguous fp32 with `rows` rows of w.shape[1], w contiguous fp32 [N, K], out contiguous fp32 [rows, N],
+    the library loaded."""
+    n, k = w.shape
+    _lib.gf_gemv_f32(w.data_ptr(), None if bias is None else bias.data_ptr(), n, k, x.data_ptr(), k, rows,
+                     out.data_ptr(), n, torch.get_num_threads())
+
+
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] fp32 (B <= 8), w [N, K] int8, scale [N] fp32, bias [N] fp32 or None -> [B, N] fp32."""
