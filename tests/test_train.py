@@ -371,3 +371,52 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def _tiny_lm_batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"input_ids": torch.randint(0, 50, (2, 16), generator=g)}
+
+
+def _tiny_loss(model, batch):
+    ids = batch["input_ids"]
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss, ids[:, 1:].numel()
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 32)
+        self.out = torch.nn.Linear(32, 50)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)))
+
+
+def test_precision_modes_validate_and_the_cpu_scaler_is_a_pass_through():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(steps=1, precision="fp8").validate()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TrainConfig(steps=1, precision="fp16", device="cpu").validate()
+    assert not loop.loss_scaler(torch.device("cpu"), "fp16").is_enabled()
+    # fp32 and auto on CPU are the same run, bit for bit (no autocast, disabled scaler)
+    results = []
+    for precision in ("auto", "fp32"):
+        torch.manual_seed(0)
+        model = _TinyLM()
+        loop.train(model, _tiny_lm_batches(), _tiny_loss,
+                   TrainConfig(steps=3, lr=1e-2, warmup=0, precision=precision, progress=False))
+        results.append(model.out.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_training_with_loss_scale_lowers_loss_on_cuda():
+    torch.manual_seed(0)
+    model = _TinyLM().cuda()
+    res = loop.train(model, _tiny_lm_batches(), _tiny_loss,
+                     TrainConfig(steps=30, lr=1e-2, warmup=0, precision="fp16", device="cuda", progress=False))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]

@@ -33,7 +33,16 @@ from typing import Any
 
 import torch
 
-from ..train.loop import GradSync, TrainConfig, TrainResult, atomic_write_text, evaluate, load_checkpoint, train
+from ..train.loop import (
+    PRECISIONS,
+    GradSync,
+    TrainConfig,
+    TrainResult,
+    atomic_write_text,
+    evaluate,
+    load_checkpoint,
+    train,
+)
 from .data import (
     FORMATS,
     DataFormatError,
@@ -88,6 +97,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warmup steps (default: 10, or a tenth of --steps when that is fewer)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a dynamic loss scale (CUDA)")
     t.add_argument("--grad-checkpointing", "--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory)")
     t.add_argument("--seed", type=int, default=0)
@@ -392,6 +403,7 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
         save_every=a.save_every, checkpoint_dir=None if a.fsdp else str(ckpt_dir),
         log_path=str(out / "train_log.jsonl"),
         resume=a.resume, seed=a.seed, device=str(device), gradient_checkpointing=a.grad_checkpointing,
+        precision=a.precision,
         progress=not a.no_progress, checkpoint_trainable_only=not a.full,
     )
     commands = [*(saved["extra"].get("commands", []) if saved else []), shlex.join(["gyrfalcon", *sys.argv[1:]])]
@@ -399,7 +411,7 @@ def _run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> 
     # The held-out loss of the untouched model, the "before" of every comparison (a resumed run has it already).
     eval_before = saved["extra"].get("eval_loss_before") if saved is not None else None
     if held and saved is None:
-        eval_before = evaluate(wrapped, held, sft_loss, device)
+        eval_before = evaluate(wrapped, held, sft_loss, device, a.precision)
         if main:
             print(f"held-out loss before training: {eval_before:.4f}", file=sys.stderr)
     result = train(wrapped, stream, sft_loss, cfg, eval_batches=held or None,

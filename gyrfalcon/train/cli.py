@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import FalconConfig, FalconMambaConfig, ModelConfig
 from .data import RandomWindows, eval_windows, iter_text_chunks, split_tokens, tokenize_file
-from .loop import TrainConfig, TrainResult, atomic_write_text, evaluate, load_checkpoint, train
+from .loop import PRECISIONS, TrainConfig, TrainResult, atomic_write_text, evaluate, load_checkpoint, train
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,6 +79,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a dynamic loss scale (CUDA)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     t.add_argument("--threads", type=int,
@@ -478,13 +480,15 @@ def _run_train(args: argparse.Namespace) -> int:
         save_every=args.save_every, log_every=args.log_every, checkpoint_dir=str(ckpt_dir),
         log_path=str(out / "train_log.jsonl"), resume=args.resume, seed=args.seed, device=str(device),
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
+        precision=args.precision,
     )
     result: TrainResult = train(model, batches, config=cfg, eval_batches=eval_sets,
                                 extra_state={"run": fingerprint, "commands": commands})
 
     eval_loss = result.eval_loss
     if eval_sets is not None and (eval_loss is None or args.eval_batches):  # the card reports the whole split
-        eval_loss = evaluate(model, eval_windows(val_tokens, args.seq_len, args.batch_size), device=device)
+        eval_loss = evaluate(model, eval_windows(val_tokens, args.seq_len, args.batch_size), device=device,
+                             precision=args.precision)
     save_model_dir(model, config, out, args.save_dtype, eos_id)
     train_loss, n_tail = final_train_loss(result.history, args.steps)
     write_model_card(out, {

@@ -69,6 +69,9 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0  # recorded in checkpoints; the caller seeds model init and the batch stream
     device: str = "cpu"
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp16": fp16 autocast with a dynamic loss scale (CUDA);
+    # "bf16": bf16 autocast; "fp32": none. Master weights and the optimizer stay fp32 in every mode.
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     progress: bool = True
     no_decay_names: tuple[str, ...] = ("A_log", "D")  # Mamba's state matrix and skip are not shrunk to zero
@@ -94,6 +97,10 @@ class TrainConfig:
             raise ValueError("an exponential decay needs min_lr > 0")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum={self.grad_accum} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and torch.device(self.device).type != "cuda":
+            raise ValueError("precision='fp16' (autocast with a loss scale) needs a CUDA device")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0")
         if self.weight_decay < 0:
@@ -179,16 +186,28 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp32 master weights and optimizer); plain fp32 on CPU, where bf16 matmuls are slow."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The compute dtype of forward passes (master weights and optimizer stay fp32): "auto" is bf16 autocast on
+    CUDA and plain fp32 on CPU, where bf16 matrix products are slow; "fp16" also needs `loss_scaler`."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without a loss scale: a dynamic scaler for fp16 on CUDA; otherwise a disabled one,
+    whose scale/unscale_/step/update are plain pass-throughs."""
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = causal_lm_loss,
-             device: torch.device | str = "cpu") -> float:
+             device: torch.device | str = "cpu", precision: str = "auto") -> float:
     """Token-weighted mean loss over `batches` (model put back in its previous train/eval mode)."""
     device = torch.device(device)
     was_training = model.training
@@ -196,7 +215,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = causa
     total, count = 0.0, 0
     try:
         for batch in batches:
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 loss, n = loss_fn(model, to_device(batch, device))
             total += loss.item() * n
             count += n
@@ -395,6 +414,7 @@ def train(
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.no_decay_names), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg))
+    scaler = loss_scaler(device, cfg.precision)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME if cfg.checkpoint_dir else None
@@ -404,6 +424,8 @@ def train(
         resumed = load_checkpoint(ckpt_path)
         start, tokens, seconds = resumed["step"], resumed["tokens"], resumed["seconds"]
         _restore(resumed, model, optimizer, scheduler, batches, cfg)
+        if resumed.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resumed["scaler"])
     main = sync is None or sync.is_main
     log = _Log(cfg.log_path if main else None, start if resumed is not None else None)
 
@@ -417,6 +439,7 @@ def train(
             "model": _model_state(model, cfg.checkpoint_trainable_only),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "sampler": batches.state_dict() if hasattr(batches, "state_dict") else None,
             "rng": _rng_state(),
             "train_config": _plain(asdict(cfg)),
@@ -431,13 +454,16 @@ def train(
     window_tokens, window_t = 0, time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            loss_sum, n_tokens = _accumulate(model, batches, loss_fn, cfg.grad_accum, device)
+            loss_sum, n_tokens = _accumulate(model, batches, loss_fn, cfg.grad_accum, device, cfg.precision,
+                                             scaler)
             if sync is not None:
                 loss_sum, n_tokens = sync(params, loss_sum, n_tokens)
+            scaler.unscale_(optimizer)  # (clipping sees the true gradients; a no-op unless fp16)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0
                          else float("nan"))
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += n_tokens
@@ -456,7 +482,7 @@ def train(
                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 window, window_tokens, window_t = [], 0, now
             if eval_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                eval_loss = evaluate(model, eval_batches, loss_fn, device)
+                eval_loss = evaluate(model, eval_batches, loss_fn, device, cfg.precision)
                 log.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700.0))})
                 if main:
                     bar.write(f"step {done}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 700.0)):.2f})")
@@ -472,16 +498,18 @@ def train(
 
 
 def _accumulate(model: nn.Module, batches: Iterator[Batch], loss_fn: LossFn, grad_accum: int,
-                device: torch.device) -> tuple[float, int]:
+                device: torch.device, precision: str = "auto",
+                scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """Forward and backward `grad_accum` micro-batches; returns the mean micro-batch loss and the token count."""
     total, n_tokens = 0.0, 0
     for _ in range(grad_accum):
         batch = to_device(next(batches), device)
-        with autocast_for(device):
+        with autocast_for(device, precision):
             loss, n = loss_fn(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss.item()}: lower --lr or check the data")
-        (loss / grad_accum).backward()
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()
         n_tokens += n
     return total / grad_accum, n_tokens
