@@ -251,7 +251,8 @@ def run_bench(args: argparse.Namespace) -> int:
     name = str(model) if model else "bundled tiny-falcon-shakespeare"
     meta = {"model": name, "modes": modes, "runs": args.runs, "max_new_tokens": args.max_new_tokens,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(), "command": " ".join(["gyrfalcon", *sys.argv[1:]])}
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "command": " ".join(["gyrfalcon", *sys.argv[1:]])}
     try:
         import torch
 

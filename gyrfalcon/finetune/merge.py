@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,8 +21,6 @@ import torch
 from torch import nn
 
 from .lora import LoraLinear, _set_module
-
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 
 def _requantize(base: nn.Module, w: torch.Tensor) -> nn.Module:
@@ -88,19 +83,10 @@ def _stored_dtype(model_dir: Path) -> torch.dtype:
 
 
 def _write_dir(out_dir: Path, source_dir: Path, write, config_dtype: str | None) -> Path:
-    """Build the checkpoint in a temporary sibling of `out_dir` (config and tokenizer files of `source_dir` plus
-    what `write(tmp)` writes) and only then put it in place: a failed or killed run leaves an earlier OUT intact."""
-    out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
-    tmp = out_dir.with_name(f".{out_dir.name}.{tag}.tmp")
-    old = out_dir.with_name(f".{out_dir.name}.{tag}.old")
-    tmp.mkdir()
-    try:
-        for f in sorted(source_dir.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_FILES) \
-                    and not f.name.endswith(".index.json"):
-                shutil.copy2(f, tmp / f.name)
+    """`write_checkpoint_dir` with the copied config's dtype entry set to what the weights are saved in."""
+    from ..weights.load import write_checkpoint_dir
+
+    def write_all(tmp: Path) -> None:
         cfg_path = tmp / "config.json"
         if config_dtype and cfg_path.is_file():
             raw = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -109,16 +95,8 @@ def _write_dir(out_dir: Path, source_dir: Path, write, config_dtype: str | None)
                     raw[key] = config_dtype
             cfg_path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         write(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_checkpoint_dir(out_dir, write_all, source_dir)
 
 
 def merge_checkpoint(base: str | Path, adapter: str | Path, out: str | Path, *, quantize: str | None = None,

@@ -361,20 +361,14 @@ def load_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtype, devic
 # ---------------------------------------------------------------------------------------------------------------
 # Saving
 
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
-
-
 def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path | None = None,
                    max_shard_bytes: int | None = None) -> Path:
     """Write a quantized model as a checkpoint directory that `gyrfalcon.load` reads with no flag: the weights
     (safetensors, with the quantization record in the metadata) plus the config and tokenizer files of
     `source_dir`. Atomic as a directory: everything is written into a temporary sibling of `out_dir` and only a
     complete result replaces it, so a failed or killed run never leaves a half-written or mixed checkpoint."""
-    import os
-    import secrets
-    import shutil
-
     from ..weights import save_weights
+    from ..weights.load import write_checkpoint_dir
 
     info = getattr(model, "_gyrfalcon_quant", None)
     if info is None:
@@ -382,25 +376,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, source_dir: str | Path
     out_dir = Path(out_dir).absolute()
     if source_dir is not None and out_dir.exists() and out_dir.resolve() == Path(source_dir).resolve():
         raise ValueError(f"refusing to overwrite the source checkpoint {source_dir}: choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
-    tmp.mkdir()
-    try:
-        if source_dir is not None:
-            for f in sorted(Path(source_dir).iterdir()):
-                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_FILES) \
-                        and not f.name.endswith(".index.json"):
-                    shutil.copy2(f, tmp / f.name)
-        save_weights(model, tmp, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)},
-                     max_shard_bytes=max_shard_bytes)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return write_checkpoint_dir(
+        out_dir, lambda tmp: save_weights(model, tmp, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)},
+                                          max_shard_bytes=max_shard_bytes), source_dir)

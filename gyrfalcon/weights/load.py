@@ -716,3 +716,39 @@ def save_weights(
         stale += [p for p in out_dir.glob("model-*-of-*.safetensors") if p.name not in names]
     for p in stale:
         p.unlink(missing_ok=True)
+
+
+# Files that hold weights: what a derived checkpoint (quantized, merged) must not copy from its source.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+
+def write_checkpoint_dir(out_dir: str | Path, write: Callable[[Path], None], source_dir: str | Path | None = None
+                         ) -> Path:
+    """Build a checkpoint directory in a temporary sibling of `out_dir` (the non-weight files of `source_dir`,
+    such as config and tokenizer, then whatever `write(tmp)` adds) and only then put it in place of `out_dir`: a
+    failed or killed run leaves an earlier `out_dir` intact and never a half-written one."""
+    import shutil
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = out_dir.with_name(f".{out_dir.name}.{tag}.tmp")
+    old = out_dir.with_name(f".{out_dir.name}.{tag}.old")
+    tmp.mkdir()
+    try:
+        if source_dir is not None:
+            for f in sorted(Path(source_dir).iterdir()):
+                if (f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_FILE_SUFFIXES)
+                        and not f.name.endswith(".index.json")):
+                    shutil.copy2(f, tmp / f.name)
+        write(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
