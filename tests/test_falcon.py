@@ -140,3 +140,15 @@ def test_context_overflow_is_a_clear_error():
     ours = ours_from(hf, raw)
     with pytest.raises(ValueError, match="context"):
         Generation(ours, [[1] * 10], SamplingParams(max_new_tokens=10), max_context=15)
+
+
+def test_rolled_rotary_equals_the_reference_form_bit_for_bit():
+    from gyrfalcon.models.layers import Rotary, apply_rotary, apply_rotary_rolled
+
+    rot = Rotary(64, 10000.0)
+    cos, sin = rot.table(40, torch.device("cpu"), torch.float32)
+    cos_r, sin_signed = rot.rolled_table(40, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 40, 5, 64)  # [B, T, heads, d]
+    c, s, ss = cos[:40, None], sin[:40, None], sin_signed[:40, None]
+    assert torch.equal(cos_r, cos)
+    assert torch.equal(apply_rotary_rolled(x, c, ss), apply_rotary(x, c, s))

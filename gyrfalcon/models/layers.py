@@ -48,11 +48,6 @@ class Rotary:
             self._tables[key] = tables
         return tables
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, head_dim] (broadcast over heads)."""
-        cos, sin = self.table(int(positions.max()) + 1, positions.device, dtype)
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -60,6 +55,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding as the reference writes it (`Rotary.table`); the model runs `apply_rotary_rolled`."""
     return x * cos + rotate_half(x) * sin
 
 
