@@ -7,10 +7,12 @@ the 2-core AMD EPYC we benchmark on (a 65024 x 1024 fp32 matrix, 2 threads):
     1     ~18 GB/s         ~33 GB/s   (a plain read of memory: ~30 GB/s)
     2-8   3-6 GB/s         (one pass over the weight for all rows)
 
-For 9..16 rows `W @ x^T` (a tall-skinny GEMM) beats `x @ W^T`, and for prefill (many rows) oneDNN's fp32 GEMM beats
-MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked module, autograd through the weight or
-the input) is plain `mod(x)`, which is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for
-the compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py holds the two together.
+Above 8 rows (a server's decode batch, prefill) oneDNN's fp32 GEMM beats MKL's: on the 65024 x 1024 head, 9 rows take
+17 ms with oneDNN, 35 ms with MKL's `W @ x^T` and 14 ms with the 8-row kernel run over the rows in groups of 8 (a
+version of gemv_f32.c that did that lost to oneDNN from 16 rows on, so it was not kept). Everything else (another
+dtype or device, a quantized/LoRA/hooked module, autograd through the weight or the input) is plain `mod(x)`, which
+is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for the compiled kernel alone) and every
+call is `mod(x)`. tests/test_fast_linear.py holds the two together.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import nn
 from ..kernels import cpu as cpu_kernels
 
 FAST = True  # False: every call is `mod(x)` (the reference path, for comparisons)
-FEW_ROWS = 16  # up to this many rows (beyond the kernel's 8): W @ x^T
 
 
 def _onednn_ok() -> bool:
@@ -84,9 +85,6 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     if rows <= cpu_kernels.MAX_BATCH and w.is_contiguous() and cpu_kernels.available():
         y = cpu_kernels.gemv_f32(x2, w, bias)
-    elif rows <= FEW_ROWS:
-        y = torch.mm(w, x2.t()) if bias is None else torch.addmm(bias[:, None], w, x2.t())
-        y = y.t().contiguous()
     elif _ONEDNN and w.is_contiguous():  # (a strided weight sends oneDNN down a path ~1000x slower)
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, "none", [], "")
     else:
