@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gyrfalcon.kernels import cpu as cpu_kernels
 from gyrfalcon.runtime import sampling
 from gyrfalcon.runtime.sampling import SamplingParams, choose_token, choose_tokens, filter_top_k_top_p
 
@@ -68,8 +69,11 @@ def test_batched_choice_does_not_depend_on_the_rest_of_the_batch():
     assert choose_tokens(logits, others, [None] * 8, gens)[5] == alone[0]
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("candidates", [2, 8, 64, V])
-def test_top_p_drop_equals_the_sorted_reference(candidates):
+def test_top_p_drop_equals_the_sorted_reference(candidates, kernel, monkeypatch):
+    """Unsettled rows go to the C radix sort (kernel) or torch.sort; either way the reference's mask, exactly."""
+    monkeypatch.setattr(sampling, "USE_KERNEL", kernel)
     for seed in range(4):
         for ties in (False, True):
             logits = _logits(6, seed, ties) * (0.2 + seed)  # flat to peaked rows
@@ -99,8 +103,42 @@ def test_choose_tokens_checks_lengths():
         choose_tokens(torch.zeros(2, 4), [SamplingParams()], [None], [None])
 
 
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels are not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 7, 100, 65024])
+def test_top_p_kernel_equals_the_reference_mask_bit_for_bit(vocab):
+    """sampling_cpu.c against filter_top_k_top_p: flat to peaked rows, many ties, +0.0 next to -0.0 (equal for
+    torch's sort), -inf entries (after top-k), top_p from tiny to nearly 1. Tolerance: none, the masks are equal."""
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(12):
+        x = torch.randn(4, vocab, generator=g) * [0.01, 0.3, 2.0, 8.0][trial % 4]
+        if trial % 3 == 0:
+            x = (x * 4).round() / 4
+        if trial % 4 == 1 and vocab > 3:
+            x[:, : vocab // 3] = float("-inf")
+        if trial % 5 == 0:
+            x[0, ::3] = 0.0
+            x[0, 1::3] = -0.0
+        probs = x.softmax(-1)
+        top_p = [0.01, 0.5, 0.95, 0.9999]
+        drop = cpu_kernels.top_p_drop(x, probs, top_p)
+        for r, p in enumerate(top_p):
+            ref = filter_top_k_top_p(x[r], 0, p)
+            assert torch.equal(x[r].masked_fill(drop[r], float("-inf")), ref), (trial, r, p)
+
+
+@needs_kernels
+def test_top_p_kernel_rejects_bad_input():
+    with pytest.raises(ValueError, match="top_p_drop"):
+        cpu_kernels.top_p_drop(torch.zeros(2, 4), torch.zeros(2, 5), [0.5, 0.5])
+    with pytest.raises(ValueError, match="top_p_drop"):
+        cpu_kernels.top_p_drop(torch.zeros(2, 4), torch.zeros(2, 4), [0.5])
+
+
 @pytest.mark.parametrize("vocab", [7, 65024])  # the Falcon vocabulary, where torch's kernels vectorize and split
-def test_draw_equals_torch_multinomial(vocab):
+def test_batched_draw_equals_draw_one(vocab):
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(5, vocab, generator=g) ** 4
     probs[1, : vocab // 2] = 0  # rows with zero mass in places, as after top-p
@@ -108,5 +146,28 @@ def test_draw_equals_torch_multinomial(vocab):
     ref_gens = [torch.Generator().manual_seed(10 + i) for i in range(5)]
     gens = [torch.Generator().manual_seed(10 + i) for i in range(5)]
     for _ in range(3):
-        ref = [int(torch.multinomial(probs[i], 1, generator=ref_gens[i])) for i in range(5)]
+        ref = [sampling.draw_one(probs[i], ref_gens[i]) for i in range(5)]
         assert sampling._draw(probs, gens) == ref
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass():
+    """20,000 seeded draws from a 6-token distribution with two zero entries: no zero-mass token, and every
+    frequency within 5 standard deviations of its probability (a fixed seed: the test is deterministic)."""
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.0, 0.125])
+    gen = torch.Generator().manual_seed(7)
+    n = 20_000
+    counts = torch.zeros(6)
+    for _ in range(n // 100):
+        for t in sampling._draw(probs.expand(100, 6).contiguous(), [gen] * 100):
+            counts[t] += 1
+    assert counts[1] == 0 and counts[4] == 0
+    freq = counts / n
+    sd = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * sd + 1e-12).all(), freq
+
+
+def test_draw_rejects_bad_probabilities():
+    with pytest.raises(ValueError, match="non-negative"):
+        sampling.draw_one(torch.tensor([0.5, -0.1, 0.6]), None)
+    with pytest.raises(ValueError, match="sum to zero"):
+        sampling._draw(torch.zeros(2, 3), [None, None])

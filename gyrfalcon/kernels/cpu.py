@@ -1,5 +1,6 @@
-"""gyrfalcon's CPU kernels (`quant_cpu.c`: quantized linears; `gemv_f32.c`: fp32 matrix-vector products),
-compiled once per machine at first use into one library, cached, called through ctypes.
+"""gyrfalcon's CPU kernels (`quant_cpu.c`: quantized linears; `gemv_f32.c`: fp32 matrix-vector products;
+`sampling_cpu.c`: the top-p mask without a full sort), compiled once per machine at first use into one library,
+cached, called through ctypes.
 
     from gyrfalcon.kernels import cpu
     if cpu.available():
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("quant_cpu.c"), Path(__file__).with_name("gemv_f32.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant_cpu.c", "gemv_f32.c", "sampling_cpu.c"))
 # Tried in order: the first set that compiles wins (a compiler without OpenMP, or one that does not know
 # -march=native, still gets a working, if single-threaded or generic, library).
 FLAG_SETS = (
@@ -60,6 +61,7 @@ _SIGNATURES = {
     "gf_dequant_bf16_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
     "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
     "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
+    "gf_top_p_drop": [_p, _p, _i64, _i64, _p, _p, _int],
     "gf_simd": [],
     "gf_version": [],
 }
@@ -156,7 +158,7 @@ def _load() -> ctypes.CDLL | None:
             for name, args in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes = args
-                fn.restype = _int if name in ("gf_simd", "gf_version") else None
+                fn.restype = _int if name in ("gf_simd", "gf_version", "gf_top_p_drop") else None
             _lib = lib
         except (RuntimeError, OSError, AttributeError) as exc:
             _error = str(exc)
@@ -341,3 +343,22 @@ def native_bf16() -> bool:
                     and ("avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()))
     except (AttributeError, RuntimeError):
         return False
+
+
+def top_p_drop(logits: torch.Tensor, probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """[B, V] bool: what nucleus filtering drops from each row (sampling.filter_top_k_top_p's mask, bit for bit;
+    see sampling_cpu.c). logits and probs: contiguous CPU fp32 [B, V]; top_p: one value per row."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"gyrfalcon CPU kernels unavailable: {_error}")
+    if (logits.dtype != torch.float32 or probs.dtype != torch.float32 or logits.dim() != 2
+            or logits.shape != probs.shape or not logits.is_contiguous() or not probs.is_contiguous()
+            or logits.device.type != "cpu" or probs.device.type != "cpu" or len(top_p) != logits.shape[0]):
+        raise ValueError("top_p_drop takes contiguous CPU fp32 logits and probs of one shape [B, V], one top_p a row")
+    rows, vocab = logits.shape
+    limits = torch.tensor(top_p, dtype=torch.float32)
+    drop = torch.empty(rows, vocab, dtype=torch.bool)
+    if lib.gf_top_p_drop(logits.data_ptr(), probs.data_ptr(), rows, vocab, limits.data_ptr(), drop.data_ptr(),
+                         torch.get_num_threads()) != 0:
+        raise MemoryError("top_p_drop: cannot allocate its sort buffers")
+    return drop
