@@ -84,6 +84,31 @@ def test_engine_roomy_pool_equals_alone():
     assert got == expected and engine.scheduler.num_preemptions == 0
 
 
+@pytest.mark.parametrize("slack", [0, 5])
+def test_prefill_in_several_passes_equals_alone(slack, monkeypatch):
+    """Prefill rows of different widths run as several passes (engine.prefill_groups); tokens stay the same."""
+    from gyrfalcon.runtime import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_PAD_SLACK", slack)
+    model = falcon("7b-multi-query")
+    expected = {100 * i + j: toks for i in range(len(PROMPTS)) for j, toks in
+                enumerate(alone(model, PROMPTS[i], PARAMS[i]))}
+    got, _ = run_engine(model, EngineConfig(num_blocks=200, block_size=16, max_batch_size=16, max_batch_tokens=64),
+                        {0: [0, 1, 2, 3, 4]})
+    assert got == expected
+
+
+def test_prefill_groups_pad_each_row_by_at_most_the_slack(monkeypatch):
+    from gyrfalcon.runtime import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_PAD_SLACK", 32)
+    rows = [(f"s{n}", n) for n in (7, 480, 470, 30, 449, 40, 2)]
+    groups = engine_mod.prefill_groups(rows)
+    assert [[n for _, n in g] for g in groups] == [[480, 470, 449], [40, 30], [7, 2]]
+    assert sorted(r for g in groups for r in g) == sorted(rows)
+    assert engine_mod.prefill_groups([]) == []
+
+
 def test_falcon_mamba_state_slots_equal_alone():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -11,8 +11,9 @@ seeded from the request's seed, + j for the j-th of n), the repetition-penalty m
 A step:
     1. the scheduler (plain Python, scheduler.py) picks (sequence, n tokens) pairs within the budget and
        memory, preempting if it must;
-    2. the model runs them as at most two forward passes: the rows with one new token (decode), and the rows
-       with several (prefill chunks, right-padded), each over a view of the pool (kv_pool.py);
+    2. the model runs them as forward passes over views of the pool (kv_pool.py): one for the rows with one new
+       token (decode), and the rows with several (prefill chunks, right-padded) in passes of similar widths
+       (`prefill_groups`);
     3. every sequence whose tokens are now all computed samples its next token; a `TokenEvent` reports it.
 
 A sequence's tokens never depend on what else is in the batch: its cache rows are its own, its generator is its
@@ -70,6 +71,24 @@ class EngineConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 512
     watermark_blocks: int | None = None
+
+
+# A prefill pass right-pads its rows to the longest; a row joins a pass only if that pads it by at most this many
+# tokens, else it starts a pass of its own. A pass re-reads every weight (for a 250M fp32 model ~30 ms on 2 cores,
+# the compute of ~17 prompt tokens), while padding a 7-token prompt to a 480-token neighbour computed 473 tokens for
+# nothing: a server workload of mixed prompt lengths (benchmarks/serve_load.py) padded its prefill passes by 38%.
+PREFILL_PAD_SLACK = 32
+
+
+def prefill_groups(rows: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    """Split the prefill rows of a step into passes of similar widths (see PREFILL_PAD_SLACK), longest first."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    for row in sorted(rows, key=lambda r: -r[1]):
+        if groups and groups[-1][0][1] - row[1] <= PREFILL_PAD_SLACK:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def is_state_space(model: nn.Module) -> bool:
@@ -193,7 +212,7 @@ class Engine:
             argmax: dict[int, int] = {}
             decode = [(s, n) for s, n in out.scheduled if n == 1]
             prefill = [(s, n) for s, n in out.scheduled if n > 1]
-            for rows in (decode, prefill):
+            for rows in [decode, *prefill_groups(prefill)]:
                 if rows:
                     last = self._forward(rows)
                     for r, (s, _) in enumerate(rows):
