@@ -19,7 +19,7 @@ def _bound(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return 1e-5 * (x.abs() @ mod.weight.abs().t() + b) + 1e-7
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 16, 17, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 11, 13, 16, 17, 130])
 @pytest.mark.parametrize("k,n,bias", [(64, 48, True), (1000, 37, False), (7, 5, True), (1, 3, False), (288, 260, True)])
 def test_fast_linear_equals_module(rows: int, k: int, n: int, bias: bool) -> None:
     torch.manual_seed(rows * 1000 + k)
@@ -59,6 +59,6 @@ def test_fast_linear_keeps_autograd_and_other_modules_on_the_reference_path() ->
 def test_gemv_f32_kernel_rejects_bad_shapes() -> None:
     w = torch.randn(5, 8)
     with pytest.raises(ValueError, match="at most"):
-        cpu_kernels.gemv_f32(torch.randn(9, 8), w)
+        cpu_kernels.gemv_f32(torch.randn(cpu_kernels.F32_MAX_ROWS + 1, 8), w)
     with pytest.raises(ValueError):
         cpu_kernels.gemv_f32(torch.randn(1, 7), w)

@@ -62,10 +62,14 @@ _SIGNATURES = {
     "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
     "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_top_p_drop": [_p, _p, _i64, _i64, _p, _p, _int],
+    "gf_gemv_f32_max_rows": [],
     "gf_simd": [],
     "gf_version": [],
 }
-MAX_BATCH = 8  # rows per gemv call (the kernel's register blocking)
+_INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows")
+MAX_BATCH = 8  # rows per quantized gemv call (the kernels' register blocking)
+# Rows per gemv_f32 call: 16 where the library has AVX-512 (gemv_f32.c's two-group path), else 8. Set at load.
+F32_MAX_ROWS = 8
 
 
 def cache_dir() -> Path:
@@ -145,7 +149,7 @@ def build(force: bool = False) -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _error
+    global _lib, _tried, _error, F32_MAX_ROWS
     if _tried:
         return _lib
     with _lock:
@@ -158,7 +162,8 @@ def _load() -> ctypes.CDLL | None:
             for name, args in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes = args
-                fn.restype = _int if name in ("gf_simd", "gf_version", "gf_top_p_drop") else None
+                fn.restype = _int if name in _INT_RESULT else None
+            F32_MAX_ROWS = int(lib.gf_gemv_f32_max_rows())
             _lib = lib
         except (RuntimeError, OSError, AttributeError) as exc:
             _error = str(exc)
@@ -236,16 +241,16 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 
 def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, K] fp32 (B <= 8, unit column stride), w [N, K] contiguous fp32, bias [N] fp32 or None -> [B, N] fp32
-    (= F.linear(x, w, bias) up to fp32 rounding). The caller checks `available()` first."""
+    """x [B, K] fp32 (B <= F32_MAX_ROWS, unit column stride), w [N, K] contiguous fp32, bias [N] fp32 or None ->
+    [B, N] fp32 (= F.linear(x, w, bias) up to fp32 rounding). The caller checks `available()` first."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"gyrfalcon CPU kernels unavailable: {_error}")
     n, k = w.shape
     _check_x(x, k)
     b = x.shape[0]
-    if b > MAX_BATCH or not w.is_contiguous() or w.dtype != torch.float32:
-        raise ValueError(f"gemv_f32 takes at most {MAX_BATCH} rows and a contiguous fp32 weight")
+    if b > F32_MAX_ROWS or not w.is_contiguous() or w.dtype != torch.float32:
+        raise ValueError(f"gemv_f32 takes at most {F32_MAX_ROWS} rows and a contiguous fp32 weight")
     y = out if out is not None else torch.empty(b, n, dtype=torch.float32)
     lib.gf_gemv_f32(w.data_ptr(), _ptr(bias), n, k, x.data_ptr(), x.stride(0), b, y.data_ptr(), y.stride(0),
                      torch.get_num_threads())

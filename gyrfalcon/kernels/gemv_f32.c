@@ -198,9 +198,59 @@ static void gemv_f32_b1(const float *w, const float *bias, int64_t N, int64_t K,
     for (int64_t n = 0; n < N; n++) y[n] = dot_row(w + n * K, x, K) + (bias ? bias[n] : 0.0f);
 }
 
-/* w [N, K] (row stride K), x [B, K] (row stride ldx), y [B, N] (row stride ldy); 1 <= B <= 8. */
+#if defined(__AVX512F__)
+/* 9..16 input rows (a server's decode batch): the input rows in two groups, each through the three-row tile, for
+ * one tile of weight rows at a time: the tile streams from memory for the first group and is re-read from L1/L2
+ * for the second, so the matrix is still read from memory once per call. */
+static void gemv_f32_many(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
+                          int64_t B, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < (N + 2) / 3; t++) {
+        const int64_t n = 3 * t;
+        const int rows = N - n < 3 ? (int)(N - n) : 3;
+        for (int64_t g = 0; g < B; g += 8) {
+            const int nb = B - g < 8 ? (int)(B - g) : 8;
+            const float *xg = x + g * ldx;
+            float out[24];
+            if (rows == 3) {
+                switch (nb) {
+                case 1: dot_3rows_b(w + n * K, xg, ldx, K, 1, out); break;
+                case 2: dot_3rows_b(w + n * K, xg, ldx, K, 2, out); break;
+                case 3: dot_3rows_b(w + n * K, xg, ldx, K, 3, out); break;
+                case 4: dot_3rows_b(w + n * K, xg, ldx, K, 4, out); break;
+                case 5: dot_3rows_b(w + n * K, xg, ldx, K, 5, out); break;
+                case 6: dot_3rows_b(w + n * K, xg, ldx, K, 6, out); break;
+                case 7: dot_3rows_b(w + n * K, xg, ldx, K, 7, out); break;
+                default: dot_3rows_b(w + n * K, xg, ldx, K, 8, out); break;
+                }
+            } else {
+                for (int r = 0; r < rows; r++) {
+                    float o8[8];
+                    for (int b = 0; b < nb; b++) o8[b] = dot_row(w + (n + r) * K, xg + b * ldx, K);
+                    for (int b = 0; b < nb; b++) out[8 * r + b] = o8[b];
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                for (int b = 0; b < nb; b++) y[(g + b) * ldy + n + r] = out[8 * r + b] + (bias ? bias[n + r] : 0.0f);
+        }
+    }
+}
+#define GF_F32_MAX_ROWS 16
+#else
+#define GF_F32_MAX_ROWS 8
+#endif
+
+int gf_gemv_f32_max_rows(void) { return GF_F32_MAX_ROWS; }
+
+/* w [N, K] (row stride K), x [B, K] (row stride ldx), y [B, N] (row stride ldy); 1 <= B <= gf_gemv_f32_max_rows(). */
 void gf_gemv_f32(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t B,
                  float *y, int64_t ldy, int nthreads) {
+#if defined(__AVX512F__)
+    if (B > 8) {
+        gemv_f32_many(w, bias, N, K, x, ldx, B, y, ldy, nthreads);
+        return;
+    }
+#endif
     switch (B) {
     case 1: gemv_f32_b1(w, bias, N, K, x, y, nthreads); break;
     case 2: gemv_f32_b2(w, bias, N, K, x, ldx, y, ldy, nthreads); break;

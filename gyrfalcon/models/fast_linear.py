@@ -7,12 +7,12 @@ the 2-core AMD EPYC we benchmark on (a 65024 x 1024 fp32 matrix, 2 threads):
     1     ~18 GB/s         ~33 GB/s   (a plain read of memory: ~30 GB/s)
     2-8   3-6 GB/s         (one pass over the weight for all rows)
 
-Above 8 rows (a server's decode batch, prefill) oneDNN's fp32 GEMM beats MKL's: on the 65024 x 1024 head, 9 rows take
-17 ms with oneDNN, 35 ms with MKL's `W @ x^T` and 14 ms with the 8-row kernel run over the rows in groups of 8 (a
-version of gemv_f32.c that did that lost to oneDNN from 16 rows on, so it was not kept). Everything else (another
-dtype or device, a quantized/LoRA/hooked module, autograd through the weight or the input) is plain `mod(x)`, which
-is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for the compiled kernel alone) and every
-call is `mod(x)`. tests/test_fast_linear.py holds the two together.
+With AVX-512 the kernel takes 9-16 rows too (a server's decode batch: the rows in two groups over one pass of the
+weights); on the 250M model's 65 matrices, 16 rows took 72 ms there against 97 ms with oneDNN and more with MKL
+(`W @ x^T`: 35 ms for 9 rows of the head alone, oneDNN 17). Above that (prefill) oneDNN's fp32 GEMM, which beats
+MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked module, autograd through the weight or
+the input) is plain `mod(x)`, which is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for the
+compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py holds the two together.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = params["weight"]
         k = x.shape[-1]
         rows = x.numel() // k if k else 0
-        if (0 < rows <= cpu_kernels.MAX_BATCH and w.dtype is _F32 and w.is_cpu and x.is_contiguous()
+        if (0 < rows <= cpu_kernels.F32_MAX_ROWS and w.dtype is _F32 and w.is_cpu and x.is_contiguous()
                 and w.is_contiguous() and not mod._forward_hooks and not mod._forward_pre_hooks
                 and cpu_kernels.available() and not _compiling()):
             bias = params["bias"]
@@ -83,7 +83,7 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if rows <= cpu_kernels.MAX_BATCH and w.is_contiguous() and cpu_kernels.available():
+    if rows <= cpu_kernels.F32_MAX_ROWS and w.is_contiguous() and cpu_kernels.available():
         y = cpu_kernels.gemv_f32(x2, w, bias)
     elif _ONEDNN and w.is_contiguous():  # (a strided weight sends oneDNN down a path ~1000x slower)
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, "none", [], "")
