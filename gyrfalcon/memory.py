@@ -7,9 +7,6 @@ pages included), not Python-level allocation counters that miss torch's and mmap
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import platform
 import resource
 import sys
 
@@ -52,25 +49,4 @@ def reset_peak_rss() -> bool:
             f.write("5")
         return True
     except OSError:
-        return False
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Have glibc serve every allocation of at least `nbytes` with its own mapping, returned to the system when it
-    is freed; True when set (glibc on Linux), else False and nothing changes.
-
-    Why: glibc raises its mmap threshold each time it frees a mapped block (up to 32 MiB), and from then on large
-    blocks come from the heap. A server's activations change size with every mix of prefill chunks, so the heap
-    fragments and its resident size creeps up round after round. Measured with oneDNN GEMMs of 72 different row
-    counts, three rounds: 495 -> 512 -> 512 MiB by default, 443 -> 444 -> 444 MiB with a fixed 1 MiB threshold.
-    """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
         return False

@@ -92,14 +92,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..cli import _load
-    from ..memory import fix_mmap_threshold
     from .app import ServerConfig, create_app, default_engine_config
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    fix_mmap_threshold()  # a long-running process: keep the heap from creeping (see gyrfalcon.memory)
     model = getattr(args, "model_pos", None) or args.model
     llm = _load(args)  # the same loading as `gyrfalcon generate`: --quantize, --skip, --dtype...
     kv_bytes = args.kv_cache_bytes or default_kv_cache_bytes(llm.device, args.kv_cache_fraction)
