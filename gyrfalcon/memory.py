@@ -7,6 +7,7 @@ pages included), not Python-level allocation counters that miss torch's and mmap
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -50,3 +51,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def cap_onednn_primitive_cache(entries: int = 64) -> None:
+    """Bound oneDNN's cache of compiled GEMMs (one per input shape, ~0.3 MB each here; 1024 by default) unless the
+    user set ONEDNN_PRIMITIVE_CACHE_CAPACITY. Takes effect if called before oneDNN builds its first primitive.
+
+    Why: a server's prefill passes come in ever new row counts, so the default cache grows for a long time: on the
+    250M load test (benchmarks/serve_load.py) RSS rose 1366 -> 1419 -> 1448 MiB over three rounds by default and
+    1311 -> 1337 -> 1343 MiB with 64 entries, at the same throughput (a step needs a handful of shapes; decode
+    batches of up to 16 rows do not go through oneDNN at all).
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(int(entries)))

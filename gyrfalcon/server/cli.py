@@ -92,8 +92,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..cli import _load
+    from ..memory import cap_onednn_primitive_cache
     from .app import ServerConfig, create_app, default_engine_config
 
+    cap_onednn_primitive_cache()  # before any oneDNN call: a long-running process sees many prefill shapes
     if args.threads:
         import torch
 
