@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..memory import release_free_heap
 from .linear import Int4Linear, Int4Weight, Int8Linear, Int8Weight, QuantEmbedding, QuantWeight
 
 MODES = ("int8", "llm.int8", "nf4", "fp4")
@@ -216,6 +217,7 @@ class StreamQuantizer:
             base = tensor.data_ptr()
             done = lambda a, b: _release_rows(base + a * row, base + b * row)  # noqa: E731
         self.weights[name[: -len(".weight")]] = make_weight(tensor, fmt, self.compute_dtype, self.qc, done)
+        release_free_heap()  # the float temporaries of this tensor: out of the resident set before the next one
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
