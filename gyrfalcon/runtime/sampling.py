@@ -231,8 +231,9 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
         raise ValueError("probabilities must be finite and non-negative")
     if not bool(probs.sum() > 0):
         raise ValueError("probabilities sum to zero")
-    u = torch.rand(probs.shape[-1], generator=generator, device=probs.device, dtype=probs.dtype)
-    return int((probs / u.log().neg_()).argmax())
+    # fp32 numbers whatever the dtype of probs: in bf16, u would take only 256 values and q = -log(u) would be coarse
+    u = torch.rand(probs.shape[-1], generator=generator, device=probs.device, dtype=torch.float32)
+    return int((probs.float() / u.log().neg_()).argmax())
 
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[torch.Tensor | None],
@@ -277,8 +278,8 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     if not bool((probs.sum(-1) > 0).all()):
         raise ValueError("probabilities sum to zero")
     vocab = probs.shape[-1]
-    u = torch.stack([torch.rand(vocab, generator=g, device=probs.device, dtype=probs.dtype) for g in generators])
-    return (probs / u.log_().neg_()).argmax(-1).tolist()
+    u = torch.stack([torch.rand(vocab, generator=g, device=probs.device, dtype=torch.float32) for g in generators])
+    return (probs.float() / u.log_().neg_()).argmax(-1).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int],
