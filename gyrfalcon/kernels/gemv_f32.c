@@ -1,7 +1,7 @@
 /* gyrfalcon CPU kernel for fp32 matrix-vector products: decoding with a full-precision nn.Linear.
  *
- * y[b, n] = sum_k W[n, k] * x[b, k] (+ bias[n]) for B = 1..8 input rows, W row-major [N, K] (nn.Linear's weight,
- * used in place). Built together with quant_cpu.c by gyrfalcon/kernels/cpu.py.
+ * y[b, n] = sum_k W[n, k] * x[b, k] (+ bias[n]) for B = 1..8 input rows (1..16 with AVX-512), W row-major [N, K]
+ * (nn.Linear's weight, used in place). Built together with quant_cpu.c by gyrfalcon/kernels/cpu.py.
  *
  * Why not torch: decoding reads every weight once per token, so its speed is the memory bandwidth. On the AMD
  * EPYC machines we measure on, torch.mv / F.linear (MKL) stream a large fp32 matrix at ~18 GB/s while a plain read
@@ -9,8 +9,8 @@
  * once, front to back, with one sequential stream per thread (threads take contiguous halves of the rows), which
  * is what the hardware prefetchers follow best; the B input rows stay in L1/L2 and share each weight load.
  *
- * Instruction sets: AVX2 + FMA (8 lanes); with AVX-512 (built with -march=native on a CPU that has it) 5..8 input
- * rows take three weight rows at a time (see dot_3rows_b); without AVX2 plain C loops (correct, slower).
+ * Instruction sets: AVX2 + FMA (8 lanes); with AVX-512 (built with -march=native on a CPU that has it) 5..16 input
+ * rows take three weight rows at a time (see gemv_f32_tiles); without AVX2 plain C loops (correct, slower).
  *
  * Arithmetic: fp32 fused multiply-adds in 4 (B = 1) or B partial sums per row, reduced at the end; the order of
  * additions differs from MKL's, so results agree to the usual fp32 rounding (tests: 1e-5 relative to the output
@@ -111,7 +111,7 @@ static inline __attribute__((always_inline)) void dot_2rows_b(const float *w, co
     }
 }
 
-/* Three weight rows x B input rows (5..8): 3 * 8 accumulators + 3 weight vectors + 1 input vector = 28 of the 32
+/* Three weight rows x B input rows (up to 8): 3 * 8 accumulators + 3 weight vectors + 1 input vector = 28 of the 32
  * registers. Each input load now serves three weight rows, which is what bounds these rows' speed: the input rows
  * (8 x K floats) do not fit in L1 next to the weight stream. Measured against the two-row tile, 8 rows, 2 threads:
  * 4096 x 1024 0.70 -> 0.51 ms, 1024 x 4096 0.72 -> 0.54 ms, 65024 x 1024 14.7 -> 13.0 ms. */
@@ -146,25 +146,44 @@ static inline __attribute__((always_inline)) void dot_3rows_b(const float *w, co
     }
 }
 
-#define GF_GEMV_F32_B3ROWS(B)                                                                                      \
-    static void gemv_f32_b##B(const float *w, const float *bias, int64_t N, int64_t K, const float *x,               \
-                              int64_t ldx, float *y, int64_t ldy, int nthreads) {                                    \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)") for (int64_t t = 0; t < (N + 2) / 3;    \
-                                                                                t++) {                             \
-            const int64_t n = 3 * t;                                                                                 \
-            const int rows = N - n < 3 ? (int)(N - n) : 3;                                                           \
-            float out[24];                                                                                           \
-            if (rows == 3)                                                                                           \
-                dot_3rows_b(w + n * K, x, ldx, K, B, out);                                                           \
-            else if (rows == 2)                                                                                      \
-                dot_2rows_b(w + n * K, x, ldx, K, B, out);                                                           \
-            else                                                                                                     \
-                dot_row_b(w + n * K, x, ldx, K, B, out);                                                             \
-            for (int r = 0; r < rows; r++)                                                                           \
-                for (int b = 0; b < B; b++) y[b * ldy + n + r] = out[8 * r + b] + (bias ? bias[n + r] : 0.0f);     \
-        }                                                                                                            \
+/* One tile: weight rows n .. n + rows - 1 (rows <= 3) against nb <= 8 input rows, results in out[8 * r + b]. nb is
+ * a compile-time constant in each case of the switch, so every tile routine keeps its accumulators in registers. */
+static inline void dot_tile(const float *w, int rows, int64_t K, const float *x, int64_t ldx, int nb, float *out) {
+#define GF_TILE_CASE(NB)                                                                                           \
+    case NB:                                                                                                       \
+        if (rows == 3)                                                                                             \
+            dot_3rows_b(w, x, ldx, K, NB, out);                                                                    \
+        else if (rows == 2)                                                                                        \
+            dot_2rows_b(w, x, ldx, K, NB, out);                                                                    \
+        else                                                                                                       \
+            dot_row_b(w, x, ldx, K, NB, out);                                                                      \
+        break;
+    switch (nb) {
+        GF_TILE_CASE(1) GF_TILE_CASE(2) GF_TILE_CASE(3) GF_TILE_CASE(4)
+        GF_TILE_CASE(5) GF_TILE_CASE(6) GF_TILE_CASE(7) GF_TILE_CASE(8)
     }
+#undef GF_TILE_CASE
+}
 
+/* 5..16 input rows: three weight rows at a time; above 8 input rows (a server's decode batch) the input rows go in
+ * groups of 8 through the same tile, which streams from memory for the first group and is re-read from L1/L2 for
+ * the next, so the matrix is still read from memory once per call. */
+static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
+                           int64_t B, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < (N + 2) / 3; t++) {
+        const int64_t n = 3 * t;
+        const int rows = N - n < 3 ? (int)(N - n) : 3;
+        for (int64_t g = 0; g < B; g += 8) {
+            const int nb = B - g < 8 ? (int)(B - g) : 8;
+            float out[24];
+            dot_tile(w + n * K, rows, K, x + g * ldx, ldx, nb, out);
+            for (int r = 0; r < rows; r++)
+                for (int b = 0; b < nb; b++) y[(g + b) * ldy + n + r] = out[8 * r + b] + (bias ? bias[n + r] : 0.0f);
+        }
+    }
+}
+#define GF_F32_MAX_ROWS 16
 #endif
 
 #define GF_GEMV_F32_B(B)                                                                                           \
@@ -180,12 +199,7 @@ static inline __attribute__((always_inline)) void dot_3rows_b(const float *w, co
 GF_GEMV_F32_B(2)
 GF_GEMV_F32_B(3)
 GF_GEMV_F32_B(4)
-#if defined(__AVX512F__)
-GF_GEMV_F32_B3ROWS(5)
-GF_GEMV_F32_B3ROWS(6)
-GF_GEMV_F32_B3ROWS(7)
-GF_GEMV_F32_B3ROWS(8)
-#else
+#if !defined(__AVX512F__)
 GF_GEMV_F32_B(5)
 GF_GEMV_F32_B(6)
 GF_GEMV_F32_B(7)
@@ -198,45 +212,7 @@ static void gemv_f32_b1(const float *w, const float *bias, int64_t N, int64_t K,
     for (int64_t n = 0; n < N; n++) y[n] = dot_row(w + n * K, x, K) + (bias ? bias[n] : 0.0f);
 }
 
-#if defined(__AVX512F__)
-/* 9..16 input rows (a server's decode batch): the input rows in two groups, each through the three-row tile, for
- * one tile of weight rows at a time: the tile streams from memory for the first group and is re-read from L1/L2
- * for the second, so the matrix is still read from memory once per call. */
-static void gemv_f32_many(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
-                          int64_t B, float *y, int64_t ldy, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + 2) / 3; t++) {
-        const int64_t n = 3 * t;
-        const int rows = N - n < 3 ? (int)(N - n) : 3;
-        for (int64_t g = 0; g < B; g += 8) {
-            const int nb = B - g < 8 ? (int)(B - g) : 8;
-            const float *xg = x + g * ldx;
-            float out[24];
-            if (rows == 3) {
-                switch (nb) {
-                case 1: dot_3rows_b(w + n * K, xg, ldx, K, 1, out); break;
-                case 2: dot_3rows_b(w + n * K, xg, ldx, K, 2, out); break;
-                case 3: dot_3rows_b(w + n * K, xg, ldx, K, 3, out); break;
-                case 4: dot_3rows_b(w + n * K, xg, ldx, K, 4, out); break;
-                case 5: dot_3rows_b(w + n * K, xg, ldx, K, 5, out); break;
-                case 6: dot_3rows_b(w + n * K, xg, ldx, K, 6, out); break;
-                case 7: dot_3rows_b(w + n * K, xg, ldx, K, 7, out); break;
-                default: dot_3rows_b(w + n * K, xg, ldx, K, 8, out); break;
-                }
-            } else {
-                for (int r = 0; r < rows; r++) {
-                    float o8[8];
-                    for (int b = 0; b < nb; b++) o8[b] = dot_row(w + (n + r) * K, xg + b * ldx, K);
-                    for (int b = 0; b < nb; b++) out[8 * r + b] = o8[b];
-                }
-            }
-            for (int r = 0; r < rows; r++)
-                for (int b = 0; b < nb; b++) y[(g + b) * ldy + n + r] = out[8 * r + b] + (bias ? bias[n + r] : 0.0f);
-        }
-    }
-}
-#define GF_F32_MAX_ROWS 16
-#else
+#if !defined(__AVX512F__)
 #define GF_F32_MAX_ROWS 8
 #endif
 
@@ -246,8 +222,8 @@ int gf_gemv_f32_max_rows(void) { return GF_F32_MAX_ROWS; }
 void gf_gemv_f32(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t B,
                  float *y, int64_t ldy, int nthreads) {
 #if defined(__AVX512F__)
-    if (B > 8) {
-        gemv_f32_many(w, bias, N, K, x, ldx, B, y, ldy, nthreads);
+    if (B >= 5) {
+        gemv_f32_tiles(w, bias, N, K, x, ldx, B, y, ldy, nthreads);
         return;
     }
 #endif
@@ -256,9 +232,11 @@ void gf_gemv_f32(const float *w, const float *bias, int64_t N, int64_t K, const 
     case 2: gemv_f32_b2(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
     case 3: gemv_f32_b3(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
     case 4: gemv_f32_b4(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
+#if !defined(__AVX512F__)
     case 5: gemv_f32_b5(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
     case 6: gemv_f32_b6(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
     case 7: gemv_f32_b7(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
     default: gemv_f32_b8(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
+#endif
     }
 }
