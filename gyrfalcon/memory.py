@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import resource
@@ -68,16 +69,15 @@ def cap_onednn_primitive_cache(entries: int = 64) -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(int(entries)))
 
 
+@functools.cache
 def _glibc_malloc_trim():
+    """libc's malloc_trim, looked up at first use (platform.libc_ver reads the interpreter's binary: not at import)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
 
 
 def release_free_heap() -> bool:
@@ -89,4 +89,5 @@ def release_free_heap() -> bool:
     the fp32 weight bytes and 228-262 MiB resident after, without trimming; 0.23-0.25x and 161 MiB, trimming after
     every tensor.
     """
-    return bool(_MALLOC_TRIM is not None and _MALLOC_TRIM(0) >= 0)
+    trim = _glibc_malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)

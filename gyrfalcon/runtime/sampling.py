@@ -224,13 +224,18 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
     return draw_one(probs, generator)
 
 
+def _check_probs(probs: torch.Tensor) -> None:
+    """What torch.multinomial refuses: negative or non-finite entries, or a row [.., V] with no mass."""
+    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
+        raise ValueError("probabilities must be finite and non-negative")
+    if not bool((probs.sum(-1) > 0).all()):
+        raise ValueError("probabilities sum to zero")
+
+
 def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """A token from probs [V] (non-negative, finite, not all zero): argmax(probs / q), q = -log(u) with V uniform
     numbers u in [0, 1) from `generator` (an exponential race: token t wins with probability probs[t] / sum)."""
-    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
-        raise ValueError("probabilities must be finite and non-negative")
-    if not bool(probs.sum() > 0):
-        raise ValueError("probabilities sum to zero")
+    _check_probs(probs)
     # fp32 numbers whatever the dtype of probs: in bf16, u would take only 256 values and q = -log(u) would be coarse
     u = torch.rand(probs.shape[-1], generator=generator, device=probs.device, dtype=torch.float32)
     return int((probs.float() / u.log().neg_()).argmax())
@@ -273,10 +278,7 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     """`draw_one` for every row of probs [B, V], each with its own generator: the uniform numbers row by row (each
     from its own generator), the log, division and argmax batched; they are elementwise (or per row), so every row
     gets exactly `draw_one`'s token."""
-    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
-        raise ValueError("probabilities must be finite and non-negative")
-    if not bool((probs.sum(-1) > 0).all()):
-        raise ValueError("probabilities sum to zero")
+    _check_probs(probs)
     vocab = probs.shape[-1]
     u = torch.stack([torch.rand(vocab, generator=g, device=probs.device, dtype=torch.float32) for g in generators])
     return (probs.float() / u.log_().neg_()).argmax(-1).tolist()
