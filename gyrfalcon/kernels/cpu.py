@@ -1,5 +1,6 @@
 """gyrfalcon's CPU kernels (`quant_cpu.c`: quantized linears; `gemv_f32.c`: fp32 matrix-vector products;
-`sampling_cpu.c`: the top-p mask without a full sort), compiled once per machine at first use into one library,
+`sampling_cpu.c`: the top-p mask without a full sort; `decode_cpu.c`: a decode step's attention and GELU),
+compiled once per machine at first use into one library,
 cached, called through ctypes.
 
     from gyrfalcon.kernels import cpu
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant_cpu.c", "gemv_f32.c", "sampling_cpu.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("quant_cpu.c", "gemv_f32.c", "sampling_cpu.c", "decode_cpu.c"))
 # Tried in order: the first set that compiles wins (a compiler without OpenMP, or one that does not know
 # -march=native, still gets a working, if single-threaded or generic, library).
 FLAG_SETS = (
@@ -63,10 +65,13 @@ _SIGNATURES = {
     "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
     "gf_top_p_drop": [_p, _p, _i64, _i64, _p, _p, _int],
     "gf_gemv_f32_max_rows": [],
+    "gf_attn_decode": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64,
+                       _f32, _int],
+    "gf_gelu": [_p, _i64],
     "gf_simd": [],
     "gf_version": [],
 }
-_INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows")
+_INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows", "gf_attn_decode")
 MAX_BATCH = 8  # rows per quantized gemv call (the kernels' register blocking)
 # Rows per gemv_f32 call: 16 where the library has AVX-512 (gemv_f32.c's two-group path), else 8. Set at load.
 F32_MAX_ROWS = 8
@@ -367,3 +372,35 @@ def top_p_drop(logits: torch.Tensor, probs: torch.Tensor, top_p: list[float]) ->
                          torch.get_num_threads()) != 0:
         raise MemoryError("top_p_drop: cannot allocate its sort buffers")
     return drop
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of a contiguous CPU fp32 tensor, in place (= torch's gelu to a few ulps; decode_cpu.c)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"gyrfalcon CPU kernels unavailable: {_error}")
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("gelu_ takes a contiguous CPU fp32 tensor")
+    lib.gf_gelu(x.data_ptr(), x.numel())
+    return x
+
+
+def attn_decode(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                sin_signed: torch.Tensor, lengths: torch.Tensor, tables: torch.Tensor, block_size: int,
+                slot_stride: int, head_stride: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Rotary + cache write + attention for one new token a row (decode_cpu.c's gf_attn_decode).
+
+    qkv [B, (H + 2G) d] fp32 contiguous, per KV group (H/G) queries, then the key and the value; cos and the
+    sign-folded sin [positions, d] (`Rotary.rolled_table`); lengths [B] int64: each row's cached tokens (the new
+    token's position); tables [B, W] int64, block_size, slot_stride, head_stride: where position s of row b, KV head g
+    lies in k and v (see `kv_addr` in decode_cpu.c); k, v: the cache's fp32 storage for this layer, written in place.
+    Returns [B, H * d]. The caller has checked shapes, dtypes and that every position the rows touch is inside the
+    tables and the storage (this is the hot path of every decode step)."""
+    b = qkv.shape[0]
+    out = torch.empty(b, num_heads * head_dim)
+    if _lib.gf_attn_decode(qkv.data_ptr(), qkv.stride(0), b, num_heads, num_kv_heads, head_dim, cos.data_ptr(),
+                           sin_signed.data_ptr(), lengths.data_ptr(), tables.data_ptr(), tables.stride(0), block_size,
+                           slot_stride, head_stride, k.data_ptr(), v.data_ptr(), out.data_ptr(), out.stride(0),
+                           head_dim**-0.5, torch.get_num_threads()) != 0:
+        raise MemoryError("attn_decode: cannot allocate its scratch buffer")
+    return out

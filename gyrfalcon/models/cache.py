@@ -34,6 +34,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths_list = [0] * batch_size
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._layout = None
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +44,18 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].shape[2] if self.k else 0
 
+    def kv_layout(self):
+        """Where position s of row b, KV head g lies, for the decode kernel (models/fast_decode.py): one block of
+        `capacity` positions a row, at slot b * G. Kept until the buffers change (`ensure_capacity`, `select`)."""
+        layout = getattr(self, "_layout", None)
+        if layout is None and self.k:
+            from .fast_decode import KVLayout
+
+            b, g, cap, d = self.k[0].shape
+            tables = torch.arange(b, dtype=torch.long)[:, None] * g
+            layout = self._layout = KVLayout(tables, cap, d, cap * d, self.k, self.v)
+        return layout
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -51,6 +64,7 @@ class KVCache:
         if needed <= self.capacity:
             return
         new_cap = max(needed, 2 * self.capacity)
+        self._layout = None
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
@@ -81,6 +95,7 @@ class KVCache:
     def select(self, rows: list[int]) -> None:
         """Keep only these rows, in this order (a row may repeat, e.g. to fork one prompt into n samples)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self._layout = None
         self.k = [t.index_select(0, idx) for t in self.k]
         self.v = [t.index_select(0, idx) for t in self.v]
         self.lengths_list = [self.lengths_list[r] for r in rows]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FalconConfig
+from . import fast_decode
 from .cache import KVCache
 from .fast_linear import linear as _linear
 from .fast_linear import no_grad_needed as _no_grad
@@ -68,7 +69,14 @@ class FalconAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: _StepContext, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.split_qkv(_linear(self.query_key_value, x), ctx.cos, ctx.sin)
+        qkv = _linear(self.query_key_value, x)
+        if t == 1 and ctx.bias is None and ctx.one_each:
+            # Decoding: rotary, cache write and attention in one compiled kernel where it applies (fast_decode.py);
+            # the code below is its reference.
+            out = fast_decode.attention(qkv, h, g, d, ctx.rope, ctx.cache, layer)
+            if out is not None:
+                return _linear(self.dense, out)
+        q, k, v = self.split_qkv(qkv, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)
 
@@ -112,7 +120,12 @@ class FalconMLP(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = _linear(self.dense_h_to_4h, x)
         # In place when nothing needs the pre-activation for a backward pass: the widest activation, held once.
-        h = torch._C._nn.gelu_(h) if _no_grad(h) else F.gelu(h)
+        # A decode step's GELU goes to the compiled kernel (fast_decode.py), where torch's erf is slow for the size.
+        if _no_grad(h):
+            if fast_decode.gelu_(h) is None:
+                h = torch._C._nn.gelu_(h)
+        else:
+            h = F.gelu(h)
         return _linear(self.dense_4h_to_h, h)
 
 
@@ -162,12 +175,15 @@ class FalconModel(nn.Module):
 
 
 class _StepContext:
-    """What every layer of one forward call shares: rotary tables, the attention mask or bias, the cache."""
+    """What every layer of one forward call shares: rotary tables (`cos`/`sin` at the new tokens' positions, `rope`
+    the whole (cos, sign-folded sin) tables), the attention mask or bias, the cache, and whether every row carries
+    all T new tokens (`one_each`; not so in a right-padded, ragged pass)."""
 
-    __slots__ = ("cos", "sin", "mask", "bias", "is_causal", "cache")
+    __slots__ = ("cos", "sin", "mask", "bias", "is_causal", "cache", "rope", "one_each")
 
-    def __init__(self, cos, sin, mask, bias, is_causal, cache):
+    def __init__(self, cos, sin, mask, bias, is_causal, cache, rope=None, one_each=True):
         self.cos, self.sin, self.mask, self.bias, self.is_causal, self.cache = cos, sin, mask, bias, is_causal, cache
+        self.rope, self.one_each = rope, one_each
 
 
 class FalconForCausalLM(nn.Module):
@@ -192,7 +208,8 @@ class FalconForCausalLM(nn.Module):
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, capacity,
                        dtype or ref.dtype, device or ref.device)
 
-    def _context(self, b: int, t: int, cache: KVCache | None, device: torch.device, dtype: torch.dtype) -> _StepContext:
+    def _context(self, b: int, t: int, cache: KVCache | None, device: torch.device, dtype: torch.dtype,
+                 one_each: bool = True) -> _StepContext:
         starts = cache.lengths_list if cache is not None else [0]
         first, last = min(starts), max(starts)
         uniform = first == last
@@ -203,9 +220,9 @@ class FalconForCausalLM(nn.Module):
         if not uniform:
             positions = cache.lengths[:, None] + torch.arange(t, device=device)[None, :]
 
-        cos = sin = None
+        cos = sin = rope = None
         if self.rotary is not None:
-            cos_table, sin_table = self.rotary.rolled_table(key_len, device, dtype)
+            cos_table, sin_table = rope = self.rotary.rolled_table(key_len, device, dtype)
             if uniform:  # a slice of the table: a view, no copy
                 cos, sin = cos_table[first : first + t, None][None], sin_table[first : first + t, None][None]
             else:
@@ -232,7 +249,7 @@ class FalconForCausalLM(nn.Module):
                 torch.ones(t, key_len, dtype=torch.bool, device=device).tril(key_len - t)[None, None])
             bias = bias.masked_fill(~visible, float("-inf"))
             is_causal = False
-        return _StepContext(cos, sin, mask, bias, is_causal, cache)
+        return _StepContext(cos, sin, mask, bias, is_causal, cache, rope, one_each)
 
     def forward(
         self,
@@ -253,10 +270,10 @@ class FalconForCausalLM(nn.Module):
         x = self.transformer.word_embeddings(input_ids)
         if cache is not None:
             cache.ensure_capacity(max(cache.lengths_list) + t)
-        ctx = self._context(b, t, cache, x.device, x.dtype)
+        counts = input_lengths if input_lengths is not None else [t] * b
+        ctx = self._context(b, t, cache, x.device, x.dtype, one_each=all(c == t for c in counts))
         for i, layer in enumerate(self.transformer.h):
             x = layer(x, ctx, i)
-        counts = input_lengths if input_lengths is not None else [t] * b
         if cache is not None:
             cache.advance(counts)
         if last_only:

@@ -30,8 +30,8 @@ from torch import nn
 from ..models.cache import KVCache
 from .shard import TensorParallelError
 
-# The PagedKVView attributes a follower needs to rebuild rank 0's view (runtime/kv_pool.py).
-_VIEW_FIELDS = ("lengths_list", "fresh", "_write", "_src", "_read")
+# The PagedKVView attributes a follower needs to rebuild rank 0's view (runtime/kv_pool.py): its constructor's.
+_VIEW_FIELDS = ("tables", "lengths_list", "counts", "width")
 
 
 class _TrackedKVCache(KVCache):
@@ -207,11 +207,6 @@ def follow(model: nn.Module, control_group, device: torch.device) -> None:
         elif desc is not None:
             _, key, state = desc
             pool = caches[key]
-            cache = PagedKVView.__new__(PagedKVView)
-            cache.pool = pool
-            for name, value in state.items():
-                setattr(cache, name, value.to(device) if isinstance(value, torch.Tensor) else value)
-            cache.lengths_list = list(state["lengths_list"])
-            cache.lengths = torch.tensor(cache.lengths_list, dtype=torch.long, device=device)
+            cache = PagedKVView(pool, state["tables"], list(state["lengths_list"]), state["counts"], state["width"])
         with torch.inference_mode():
             model(ids.to(device), cache, input_lengths=input_lengths, last_only=last_only)

@@ -57,9 +57,33 @@ class PagedKVView:
     def __init__(self, pool: PagedKVPool, tables: list[list[int]], starts: list[int], counts: list[int],
                  width: int):
         self.pool = pool
+        self.tables = tables
+        self.counts = counts
+        self.width = width
         self.lengths_list = list(starts)
         self.lengths = torch.tensor(starts, dtype=torch.long, device=pool.device)
         self.fresh = max(starts) == 0  # a first prefill: attention needs only the new keys
+        self._write = self._src = self._read = None
+        self._prepared = False
+        self._layout = None
+
+    def kv_layout(self):
+        """Where position s of row b, KV head g lies, for the decode kernel (models/fast_decode.py): the rows' block
+        tables over the pool (padded with the zero block)."""
+        if self._layout is None:
+            from ..models.fast_decode import KVLayout
+
+            width = max(len(t) for t in self.tables)
+            pad = self.pool.num_blocks
+            tables = torch.tensor([t + [pad] * (width - len(t)) for t in self.tables], dtype=torch.long)
+            g, d = self.pool.k[0].shape[1:] if self.pool.k else (0, 0)
+            self._layout = KVLayout(tables, self.pool.block_size, g * d, d, self.pool.k, self.pool.v)
+        return self._layout
+
+    def _prepare(self) -> None:
+        """The index tensors of the reference `write` (built on first use: a decode pass through the kernel never
+        needs them)."""
+        pool, tables, starts, counts, width = self.pool, self.tables, self.lengths_list, self.counts, self.width
         bs, dev = pool.block_size, pool.device
         # Slots the real new tokens go to, and their rows in the flattened [B * T] new-token axis (plain Python:
         # a decode step has one token a row, and a handful of tensor ops would cost more than the loop).
@@ -72,7 +96,6 @@ class PagedKVView:
                 src.extend(range(b * width, b * width + c))
         self._write = torch.tensor(write, dtype=torch.long).to(dev)
         self._src = torch.tensor(src, dtype=torch.long).to(dev) if ragged else None
-        self._read = None
         if not self.fresh:
             span = max(starts) + width
             cols = -(-span // bs)
@@ -84,6 +107,7 @@ class PagedKVView:
                 beyond = torch.arange(span)[None, :] >= torch.tensor(ends)[:, None]
                 read = read.masked_fill(beyond, pool.pad_slot)
             self._read = read.to(dev)  # [B, S]
+        self._prepared = True
 
     @property
     def batch_size(self) -> int:
@@ -97,6 +121,8 @@ class PagedKVView:
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new, v_new: [B, G, T, d] -> k, v: [B, G, S, d] with S = max(start) + T."""
+        if not self._prepared:
+            self._prepare()
         b, g, t, d = k_new.shape
         for store, new in ((self.pool.k[layer], k_new), (self.pool.v[layer], v_new)):
             flat = new.transpose(1, 2).reshape(b * t, g, d)  # [B*T, G, d]
