@@ -183,46 +183,119 @@ static inline int64_t kv_offset(const kv_addr *a, int64_t b, int64_t g, int64_t 
     return (a->tables[b * a->ldt + s / a->bs] * a->bs + s % a->bs) * a->slot_stride + g * a->head_stride;
 }
 
-/* One query head of one row: scores over positions 0..L-1, softmax, weighted values into out (d floats).
- * sc: scratch of L floats. Positions are walked block by block (no division per position). */
-static void attend_head(const float *q, const float *ks, const float *vs, const kv_addr *a, int64_t b, int64_t g,
-                        int64_t L, int64_t d, float scale, float *sc, float *out) {
+#if GF_VL
+/* dst[j] = q . k_j * scale for 8 keys k_j = kp + j * step: q is loaded once for the 8, and the 8 sums leave their
+ * registers through one horizontal-add tree (a horizontal sum per key costs more than its 64 products). */
+static inline void scores8(const float *q, const float *kp, int64_t step, int64_t d, float scale, float *dst) {
+    vf acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = v_zero();
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        const vf qv = v_load(q + c);
+        for (int j = 0; j < 8; j++) acc[j] = v_fmadd(qv, v_load(kp + j * step + c), acc[j]);
+    }
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    float tmp[8];
+    _mm256_storeu_ps(tmp, r);
+    for (int j = 0; j < 8; j++) {
+        float t = tmp[j];
+        for (int64_t cc = c; cc < d; cc++) t += q[cc] * kp[j * step + cc];
+        dst[j] = t * scale;
+    }
+}
+#endif
+
+/* The positions 0..L-1 of a row lie in runs: block `blk` of the row's table holds positions blk * bs ... */
+#define FOR_RUNS(a, table, L, BASE, STORE, N, S0, ...)                                                           \
+    for (int64_t S0 = 0, blk_ = 0; S0 < (L); S0 += (a)->bs, blk_++) {                                         \
+        const int64_t N = (L) - S0 < (a)->bs ? (L) - S0 : (a)->bs;                                            \
+        const float *BASE = (STORE) + (table)[blk_] * (a)->bs * (a)->slot_stride;                            \
+        __VA_ARGS__                                                                                           \
+    }
+
+/* nh query heads of one row that share KV head g: scores over positions 0..L-1, softmax, weighted values.
+ * q: the rotated queries [nh, d]; sc: scratch [nh, L]; out: [nh, d]. The heads are the inner loop: each block of
+ * keys or values is read from memory once for all of them and reused from L1 (the cached keys and values of one
+ * head of a long row do not fit in L1/L2, and reading them once per query head made the kernel cache-bound). */
+static void attend_group(const float *q, int64_t nh, const float *ks, const float *vs, const kv_addr *a, int64_t b,
+                         int64_t g, int64_t L, int64_t d, float scale, float *sc, float *out) {
     const int64_t *table = a->tables + b * a->ldt;
     const int64_t head = g * a->head_stride, step = a->slot_stride;
-    float mx = -INFINITY;
-    for (int64_t s0 = 0, j = 0; s0 < L; s0 += a->bs, j++) {
-        const int64_t n = L - s0 < a->bs ? L - s0 : a->bs;
-        const float *kp = ks + table[j] * a->bs * step + head;
-        for (int64_t i = 0; i < n; i++) {
-            float v = dot(q, kp + i * step, d) * scale;
-            sc[s0 + i] = v;
-            if (v > mx) mx = v;
-        }
-    }
-    float sum = 0.0f;
-    int64_t s = 0;
+    FOR_RUNS(a, table, L, kbase, ks, n, s0, {
+        const float *kp = kbase + head;
+        int64_t i = 0;
 #if GF_VL
-    const vf m = v_set1(mx);
-    vf acc = v_zero();
-    for (; s + GF_VL <= L; s += GF_VL) {
-        vf e = v_exp(v_sub(v_load(sc + s), m));
-        v_store(sc + s, e);
-        acc = v_add(acc, e);
-    }
-    sum = v_sum(acc);
+        for (; i + 8 <= n; i += 8)
+            for (int64_t hh = 0; hh < nh; hh++) scores8(q + hh * d, kp + i * step, step, d, scale, sc + hh * L + s0 + i);
 #endif
-    for (; s < L; s++) {
-        sc[s] = expf(sc[s] - mx);
-        sum += sc[s];
+        for (; i < n; i++)
+            for (int64_t hh = 0; hh < nh; hh++) sc[hh * L + s0 + i] = dot(q + hh * d, kp + i * step, d) * scale;
+    })
+    float inv[nh > 0 ? nh : 1];
+    for (int64_t hh = 0; hh < nh; hh++) { /* softmax numerators in place, and 1 / their sum */
+        float *r = sc + hh * L;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < L; s++) mx = r[s] > mx ? r[s] : mx;
+        float sum = 0.0f;
+        int64_t s = 0;
+#if GF_VL
+        const vf m = v_set1(mx);
+        vf acc = v_zero();
+        for (; s + GF_VL <= L; s += GF_VL) {
+            vf e = v_exp(v_sub(v_load(r + s), m));
+            v_store(r + s, e);
+            acc = v_add(acc, e);
+        }
+        sum = v_sum(acc);
+#endif
+        for (; s < L; s++) {
+            r[s] = expf(r[s] - mx);
+            sum += r[s];
+        }
+        inv[hh] = 1.0f / sum;
     }
-    memset(out, 0, sizeof(float) * (size_t)d);
-    for (int64_t s0 = 0, j = 0; s0 < L; s0 += a->bs, j++) {
-        const int64_t n = L - s0 < a->bs ? L - s0 : a->bs;
-        const float *vp = vs + table[j] * a->bs * step + head;
-        for (int64_t i = 0; i < n; i++) axpy(out, sc[s0 + i], vp + i * step, d);
+    memset(out, 0, sizeof(float) * (size_t)(nh * d));
+#if GF_VL
+    if (d == 64) { /* the common head size: a head's 64 sums stay in 8 registers over a block of 8 positions */
+        FOR_RUNS(a, table, L, vbase, vs, n, s0, {
+            const float *vp = vbase + head;
+            for (int64_t i0 = 0; i0 < n; i0 += 8) {
+                const int64_t m = n - i0 < 8 ? n - i0 : 8;
+                for (int64_t hh = 0; hh < nh; hh++) {
+                    float *o = out + hh * 64;
+                    const float *w = sc + hh * L + s0 + i0;
+                    vf o0 = v_load(o), o1 = v_load(o + 8), o2 = v_load(o + 16), o3 = v_load(o + 24);
+                    vf o4 = v_load(o + 32), o5 = v_load(o + 40), o6 = v_load(o + 48), o7 = v_load(o + 56);
+                    for (int64_t j = 0; j < m; j++) {
+                        const float *x = vp + (i0 + j) * step;
+                        const vf wj = v_set1(w[j]);
+                        o0 = v_fmadd(wj, v_load(x), o0);
+                        o1 = v_fmadd(wj, v_load(x + 8), o1);
+                        o2 = v_fmadd(wj, v_load(x + 16), o2);
+                        o3 = v_fmadd(wj, v_load(x + 24), o3);
+                        o4 = v_fmadd(wj, v_load(x + 32), o4);
+                        o5 = v_fmadd(wj, v_load(x + 40), o5);
+                        o6 = v_fmadd(wj, v_load(x + 48), o6);
+                        o7 = v_fmadd(wj, v_load(x + 56), o7);
+                    }
+                    v_store(o, o0), v_store(o + 8, o1), v_store(o + 16, o2), v_store(o + 24, o3);
+                    v_store(o + 32, o4), v_store(o + 40, o5), v_store(o + 48, o6), v_store(o + 56, o7);
+                }
+            }
+        })
+    } else
+#endif
+    {
+        FOR_RUNS(a, table, L, vbase, vs, n, s0, {
+            const float *vp = vbase + head;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t hh = 0; hh < nh; hh++) axpy(out + hh * d, sc[hh * L + s0 + i], vp + i * step, d);
+        })
     }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < d; i++) out[i] *= inv;
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int64_t i = 0; i < d; i++) out[hh * d + i] *= inv[hh];
 }
 
 /* One new token per row. qkv [B, ldqkv]: per KV group g, (H/G) query heads then the key then the value, d each
@@ -249,22 +322,32 @@ int gf_attn_decode(const float *qkv, int64_t ldqkv, int64_t B, int64_t H, int64_
         if (p + 1 > maxL) maxL = p + 1;
         work += (p + 1) * H * d * 2;
     }
+    /* Work items: (row, KV group, a chunk of the group's query heads). The heads of a group are split only as far
+     * as needed to give every thread work (each chunk reads the group's keys and values once). */
     const int threads = nthreads > 1 && work >= ATTN_PARALLEL_WORK && B * H > 1 ? nthreads : 1;
-    /* per thread: the scores of one head (maxL) and its rotated query (d) */
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(threads * (maxL + d)));
+    int64_t per = hg;
+    if (threads > 1 && B * G < threads) {
+        const int64_t want = (threads + B * G - 1) / (B * G); /* chunks per group */
+        per = (hg + want - 1) / want;
+    }
+    const int64_t chunks = (hg + per - 1) / per, items = B * G * chunks;
+    /* per thread: the scores of `per` heads (per * maxL) and their rotated queries (per * d) */
+    const int64_t each = per * (maxL + d);
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(threads * each));
     if (scratch == NULL) return -1;
 #pragma omp parallel for if (threads > 1) num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < B * H; item++) {
+    for (int64_t item = 0; item < items; item++) {
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        float *sc = scratch + tid * (maxL + d), *qr = sc + maxL;
-        const int64_t b = item / H, h = item % H, g = h / hg, i = h % hg;
+        float *sc = scratch + tid * each, *qr = sc + per * maxL;
+        const int64_t b = item / (G * chunks), g = item / chunks % G, c = item % chunks;
+        const int64_t i0 = c * per, nh = hg - i0 < per ? hg - i0 : per;
         const int64_t p = lengths[b];
         const float *grp = qkv + b * ldqkv + g * (hg + 2) * d;
-        rope(grp + i * d, cos + p * d, sin + p * d, qr, d);
-        attend_head(qr, k, v, &a, b, g, p + 1, d, scale, sc, out + b * ldo + h * d);
+        for (int64_t i = 0; i < nh; i++) rope(grp + (i0 + i) * d, cos + p * d, sin + p * d, qr + i * d, d);
+        attend_group(qr, nh, k, v, &a, b, g, p + 1, d, scale, sc, out + b * ldo + (g * hg + i0) * d);
     }
     free(scratch);
     return 0;
