@@ -73,7 +73,7 @@ _SIGNATURES = {
 }
 _INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows", "gf_attn_decode")
 MAX_BATCH = 8  # rows per quantized gemv call (the kernels' register blocking)
-# Rows per gemv_f32 call: 16 where the library has AVX-512 (gemv_f32.c's two-group path), else 8. Set at load.
+# Rows per gemv_f32 call: 16 where the library has AVX2 or AVX-512 (gemv_f32.c's tiles), else 8. Set at load.
 F32_MAX_ROWS = 8
 
 

@@ -7,12 +7,13 @@ the 2-core AMD EPYC we benchmark on (a 65024 x 1024 fp32 matrix, 2 threads):
     1     ~18 GB/s         ~33 GB/s   (a plain read of memory: ~30 GB/s)
     2-8   3-6 GB/s         (one pass over the weight for all rows)
 
-With AVX-512 the kernel takes 9-16 rows too (a server's decode batch: the rows in two groups over one pass of the
-weights); on the 250M model's 65 matrices, 16 rows took 72 ms there against 97 ms with oneDNN and more with MKL
-(`W @ x^T`: 35 ms for 9 rows of the head alone, oneDNN 17). Above that (prefill) oneDNN's fp32 GEMM, which beats
-MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked module, autograd through the weight or
-the input) is plain `mod(x)`, which is also the reference path: set `FAST = False` (or GYRFALCON_KERNELS=0 for the
-compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py holds the two together.
+The kernel takes 9-16 rows too (a server's decode batch: the rows in groups over one pass of the weights); on the
+250M model's 65 matrices, 16 rows took 72 ms against 97 ms with oneDNN on an AVX-512 EPYC (and more with MKL, `W @
+x^T`: 35 ms for 9 rows of the head alone, oneDNN 17), 112 against 126 ms on an AVX2 one (Zen 3). Above that
+(prefill) oneDNN's fp32 GEMM, which beats MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked
+module, autograd through the weight or the input) is plain `mod(x)`, which is also the reference path: set `FAST =
+False` (or GYRFALCON_KERNELS=0 for the compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py
+holds the two together.
 """
 
 from __future__ import annotations
