@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -269,11 +270,14 @@ def test_rolling_loglikelihood_and_perplexity_equal_hflm(models):
     insts = [Instance("loglikelihood_rolling", {}, (text,), 0), Instance("loglikelihood_rolling", {}, ("Hi.",), 1)]
     want = short.loglikelihood_rolling(insts, disable_tqdm=True)
     got = harness.GyrfalconLM(llm=llm, max_length=48).loglikelihood_rolling(insts, disable_tqdm=True)
-    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < ATOL
+    # HFLM hands back the rolling total as an fp32 number (the text's is ~-2661 nats, where fp32's grid is 2.4e-4
+    # wide), ours is summed in fp64: allow that rounding of the reference on top of ATOL.
+    tol = [ATOL + float(np.spacing(np.float32(abs(w)))) for w in want]
+    assert all(abs(a - b) < t for a, b, t in zip(got, want, tol, strict=True)), (got, want)
     # the perplexity task with stride == window is the same sum
     reqs = windows(llm.tokenizer.encode(text), 11, 48, 48)
     total = sum(ll for ll, _ in Scorer.for_llm(llm, max_length=48).loglikelihood_tokens(reqs))
-    assert abs(total - want[0]) < ATOL
+    assert abs(total - want[0]) < tol[0]
     assert isinstance(transformers.__version__, str)
 
 

@@ -49,6 +49,11 @@ def compile_decode(model: nn.Module, backend: str = "inductor", mode: str | None
 
     def forward(input_ids: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:
         if cache is not None and input_ids.shape[1] == 1:
+            # The engine's paged view builds its index tensors from Python lists on first use; built in here, the
+            # lists' values would become guards of the graph and every step would recompile.
+            prepare = getattr(cache, "prepare", None)
+            if prepare is not None:
+                prepare()
             with _traceable_linears():
                 return compiled(input_ids, cache, **kwargs)
         return eager(input_ids, cache, **kwargs)

@@ -80,9 +80,11 @@ class PagedKVView:
             self._layout = KVLayout(tables, self.pool.block_size, g * d, d, self.pool.k, self.pool.v)
         return self._layout
 
-    def _prepare(self) -> None:
-        """The index tensors of the reference `write` (built on first use: a decode pass through the kernel never
-        needs them)."""
+    def prepare(self) -> None:
+        """Build the index tensors of the reference `write` now (otherwise on first use: a decode pass through the
+        kernel never needs them)."""
+        if self._prepared:
+            return
         pool, tables, starts, counts, width = self.pool, self.tables, self.lengths_list, self.counts, self.width
         bs, dev = pool.block_size, pool.device
         # Slots the real new tokens go to, and their rows in the flattened [B * T] new-token axis (plain Python:
@@ -122,7 +124,7 @@ class PagedKVView:
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new, v_new: [B, G, T, d] -> k, v: [B, G, S, d] with S = max(start) + T."""
         if not self._prepared:
-            self._prepare()
+            self.prepare()
         b, g, t, d = k_new.shape
         for store, new in ((self.pool.k[layer], k_new), (self.pool.v[layer], v_new)):
             flat = new.transpose(1, 2).reshape(b * t, g, d)  # [B*T, G, d]
