@@ -44,6 +44,21 @@ def hf_falcon(layout: str, seed: int = 0, **kw):
     return model, raw if theta is None else {**raw, "rope_theta": theta}
 
 
+def gyrfalcon_from_hf(layout: str):
+    """Our model with the weights of `hf_falcon(layout)`, in eval mode, fp32 on the CPU."""
+    from gyrfalcon.config import from_hf
+    from gyrfalcon.models import build_model
+
+    hf, raw = hf_falcon(layout)
+    model = build_model(from_hf(raw), device="cpu")
+    state = dict(hf.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def falcon_dir(tmp_path_factory):
     """A random multi-query Falcon with the real Falcon tokenizer, saved as an HF model dir."""

@@ -14,16 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gyrfalcon.config import from_hf
 from gyrfalcon.kernels import cpu as cpu_kernels
-from gyrfalcon.models import build_model, fast_decode
+from gyrfalcon.models import fast_decode
 from gyrfalcon.models.cache import KVCache
 from gyrfalcon.models.layers import Rotary, apply_rotary_rolled
 from gyrfalcon.runtime.generate import Generation
 from gyrfalcon.runtime.kv_pool import PagedKVPool
 from gyrfalcon.runtime.sampling import SamplingParams
 
-from .conftest import hf_falcon
+from .conftest import gyrfalcon_from_hf
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
 
@@ -108,17 +107,6 @@ def test_attention_kernel_matches_reference(h, g, lengths, store) -> None:
         assert torch.equal(v_at, qkv[r].view(g, h // g + 2, d)[:, -1])
 
 
-def _model(layout: str):
-    hf, raw = hf_falcon(layout)
-    model = build_model(from_hf(raw), device="cpu")
-    state = dict(hf.state_dict())
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
     calls = {"attn": 0, "gelu": 0}
@@ -139,7 +127,7 @@ def count_kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["7b-multi-query", "40b-grouped", "11b-one-norm"])
 def test_model_decode_with_kernels_equals_reference(layout, count_kernel_calls, monkeypatch) -> None:
-    model = _model(layout)
+    model = gyrfalcon_from_hf(layout)
     torch.manual_seed(1)
     lengths = [7, 3, 11]
     ids = torch.randint(3, 131, (3, 11))
@@ -163,7 +151,7 @@ def test_model_decode_with_kernels_equals_reference(layout, count_kernel_calls, 
 
 
 def test_generation_through_the_paged_pool_equals_reference(count_kernel_calls, monkeypatch) -> None:
-    model = _model("40b-grouped")
+    model = gyrfalcon_from_hf("40b-grouped")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
 

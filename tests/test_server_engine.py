@@ -13,7 +13,7 @@ from gyrfalcon.runtime.generate import Generation
 from gyrfalcon.runtime.kv_pool import PagedKVPool
 from gyrfalcon.runtime.sampling import SamplingParams
 
-from .conftest import hf_falcon
+from .conftest import gyrfalcon_from_hf
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34, 35, 36], [40] * 25,
            [50, 51, 52, 53, 54, 55, 56, 57, 58, 59]]  # the last: 2 samples, sharing 2 blocks of its prompt
@@ -27,14 +27,7 @@ PARAMS = [
 
 
 def falcon(layout: str):
-    hf, raw = hf_falcon(layout)
-    model = build_model(from_hf(raw), device="cpu")
-    state = dict(hf.state_dict())
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    return model.eval()
+    return gyrfalcon_from_hf(layout)
 
 
 def alone(model, prompt, params) -> list[list[int]]:
