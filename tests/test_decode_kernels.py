@@ -98,11 +98,9 @@ def test_attention_kernel_matches_reference(h, g, lengths, store) -> None:
     ref, new_k = _reference(qkv, h, g, d, cos, sin, lens, hist_k, hist_v)
     assert (got - ref).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
     for r, p in enumerate(lengths):  # the new key (rotated) and value went where the cache keeps position p
-        off = [int(lay.tables[r, p // lay.block_size]) * lay.block_size + p % lay.block_size]
-        k_at = lay.k[0].view(-1)[[off[0] * lay.slot_stride + j * lay.head_stride + i for j in range(g)
-                                  for i in range(d)]].view(g, d)
-        v_at = lay.v[0].view(-1)[[off[0] * lay.slot_stride + j * lay.head_stride + i for j in range(g)
-                                  for i in range(d)]].view(g, d)
+        slot = int(lay.tables[r, p // lay.block_size]) * lay.block_size + p % lay.block_size
+        idx = torch.tensor([slot * lay.slot_stride + j * lay.head_stride + i for j in range(g) for i in range(d)])
+        k_at, v_at = lay.k[0].view(-1)[idx].view(g, d), lay.v[0].view(-1)[idx].view(g, d)
         assert torch.equal(k_at, new_k[r])
         assert torch.equal(v_at, qkv[r].view(g, h // g + 2, d)[:, -1])
 

@@ -185,6 +185,24 @@ def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
     assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]  # no leftovers
 
 
+def test_sources_compile_with_the_first_flag_set(tmp_path):
+    """The fallback flag sets hide a source that only fails with -march=native (AVX2 / AVX-512 code): the library
+    would quietly come out scalar. Where the compiler takes the first set, every source must compile with it."""
+    import subprocess
+
+    cc = cpu._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = [*cpu.FLAG_SETS[0], *cpu._isa_flags()]
+    probe = tmp_path / "probe.c"
+    probe.write_text("int gf_probe(void) { return 1; }\n")
+    if subprocess.run([cc, *flags, str(probe), "-o", str(tmp_path / "probe.so")], capture_output=True).returncode:
+        pytest.skip("this compiler does not take the first flag set")
+    proc = subprocess.run([cc, *flags, *map(str, cpu.SOURCES), "-o", str(tmp_path / "lib.so"), "-lm"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_no_compiler_falls_back_to_reference_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("GYRFALCON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu, "_compiler", lambda: None)

@@ -189,21 +189,18 @@ static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t
 #endif
 
 #if GF_F32_AVX2 && !defined(__AVX512F__)
-/* AVX2 (16 registers), 9..16 input rows (a server's decode batch): R <= GF_F32_TILE_ROWS weight rows x NB <= 4
+/* AVX2 (16 registers), 9..16 input rows (a server's decode batch): R <= 2 weight rows x NB <= 4
  * input rows in registers. Measured on a 2-core EPYC (Zen 3) over the 250M model's 65 matrices, 16 rows: 112 ms,
  * oneDNN 126 ms; with 3 weight rows (12 accumulators) GCC runs out of registers and reloads the inputs (118 ms).
  * For 5..8 rows this tile was no faster than dot_row_b (8 rows: 55 vs 57 ms; 5 rows: 46 vs 41 ms), which they keep. */
-#ifndef GF_F32_TILE_ROWS
-#define GF_F32_TILE_ROWS 2
-#endif
 static inline __attribute__((always_inline)) void dot_rows_avx2(const float *w, int64_t K, const float *x,
                                                                 int64_t ldx, const int R, const int NB, float *out) {
-    __m256 acc[GF_F32_TILE_ROWS][4];
+    __m256 acc[2][4];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 wv[GF_F32_TILE_ROWS];
+        __m256 wv[2];
         for (int r = 0; r < R; r++) {
             if ((k & 15) == 0) _mm_prefetch((const char *)(w + r * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);
             wv[r] = _mm256_loadu_ps(w + r * K + k);
@@ -221,27 +218,23 @@ static inline __attribute__((always_inline)) void dot_rows_avx2(const float *w, 
         }
 }
 
-/* 9..16 input rows: GF_F32_TILE_ROWS weight rows at a time against the input rows in groups of 4; the weight rows
+/* 9..16 input rows: two weight rows at a time against the input rows in groups of 4; the weight rows
  * stream from memory for the first group and are re-read from L1/L2 for the others, so the matrix is still read
  * from memory once per call. */
 static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
                            int64_t B, float *y, int64_t ldy, int nthreads) {
-    const int TR = GF_F32_TILE_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + TR - 1) / TR; t++) {
-        const int64_t n = TR * t;
-        const int rows = N - n < TR ? (int)(N - n) : TR;
+    for (int64_t t = 0; t < (N + 1) / 2; t++) {
+        const int64_t n = 2 * t;
+        const int rows = N - n < 2 ? (int)(N - n) : 2;
         for (int64_t g = 0; g < B; g += 4) {
             const int nb = B - g < 4 ? (int)(B - g) : 4;
-            float out[4 * GF_F32_TILE_ROWS];
+            float out[8];
 #define GF_T(R, NB)                                                                                                \
     case (R) * 8 + (NB): dot_rows_avx2(w + n * K, K, x + g * ldx, ldx, R, NB, out); break;
             switch (rows * 8 + nb) {
                 GF_T(1, 1) GF_T(1, 2) GF_T(1, 3) GF_T(1, 4)
                 GF_T(2, 1) GF_T(2, 2) GF_T(2, 3) GF_T(2, 4)
-#if GF_F32_TILE_ROWS > 2
-                GF_T(3, 1) GF_T(3, 2) GF_T(3, 3) GF_T(3, 4)
-#endif
             }
 #undef GF_T
             for (int r = 0; r < rows; r++)

@@ -63,8 +63,7 @@ class PagedKVView:
         self.lengths_list = list(starts)
         self.lengths = torch.tensor(starts, dtype=torch.long, device=pool.device)
         self.fresh = max(starts) == 0  # a first prefill: attention needs only the new keys
-        self._write = self._src = self._read = None
-        self._prepared = False
+        self._write = self._src = self._read = None  # built by `prepare`
         self._layout = None
 
     def kv_layout(self):
@@ -83,7 +82,7 @@ class PagedKVView:
     def prepare(self) -> None:
         """Build the index tensors of the reference `write` now (otherwise on first use: a decode pass through the
         kernel never needs them)."""
-        if self._prepared:
+        if self._write is not None:
             return
         pool, tables, starts, counts, width = self.pool, self.tables, self.lengths_list, self.counts, self.width
         bs, dev = pool.block_size, pool.device
@@ -109,7 +108,6 @@ class PagedKVView:
                 beyond = torch.arange(span)[None, :] >= torch.tensor(ends)[:, None]
                 read = read.masked_fill(beyond, pool.pad_slot)
             self._read = read.to(dev)  # [B, S]
-        self._prepared = True
 
     @property
     def batch_size(self) -> int:
@@ -123,8 +121,7 @@ class PagedKVView:
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new, v_new: [B, G, T, d] -> k, v: [B, G, S, d] with S = max(start) + T."""
-        if not self._prepared:
-            self.prepare()
+        self.prepare()
         b, g, t, d = k_new.shape
         for store, new in ((self.pool.k[layer], k_new), (self.pool.v[layer], v_new)):
             flat = new.transpose(1, 2).reshape(b * t, g, d)  # [B*T, G, d]
