@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gyrfalcon.kernels import cpu as cpu_kernels
-from gyrfalcon.models import fast_decode
+from gyrfalcon.models import fast_decode, fast_linear
 from gyrfalcon.models.cache import KVCache
 from gyrfalcon.models.layers import Rotary, apply_rotary_rolled
 from gyrfalcon.runtime.generate import Generation
@@ -163,3 +163,52 @@ def test_generation_through_the_paged_pool_equals_reference(count_kernel_calls, 
     assert count_kernel_calls["attn"] > 0
     monkeypatch.setattr(fast_decode, "ENABLED", False)
     assert run() == got
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
+@pytest.mark.parametrize("layout", ["7b-multi-query", "40b-grouped", "11b-one-norm"])
+def test_parallel_layer_in_two_kernel_calls_equals_the_general_path(layout, quantize, monkeypatch) -> None:
+    """A parallel layer's decode step through linear_pair / linear_sum (fp32 or quantized linears): bit for bit the
+    layer's general path (the same kernels, the additions in the same order), and the fused calls did run."""
+    from gyrfalcon.models import falcon
+    from gyrfalcon.quant import quantize_model
+
+    model = gyrfalcon_from_hf(layout)
+    if quantize:
+        quantize_model(model, quantize)
+    calls = {"pair": 0, "sum": 0}
+    pair, summed = falcon._linear_pair, falcon._linear_sum
+
+    def counted_pair(*a):
+        out = pair(*a)
+        calls["pair"] += out is not None
+        return out
+
+    def counted_sum(*a):
+        out = summed(*a)
+        calls["sum"] += out is not None
+        return out
+
+    monkeypatch.setattr(falcon, "_linear_pair", counted_pair)
+    monkeypatch.setattr(falcon, "_linear_sum", counted_sum)
+    torch.manual_seed(2)
+    lengths = [5, 9]
+    ids = torch.randint(3, 131, (2, 9))
+
+    def run() -> list[torch.Tensor]:
+        cache = model.new_cache(2, 16)
+        with torch.inference_mode():
+            out = [model(ids, cache, input_lengths=lengths, last_only=True)]
+            for _ in range(5):
+                out.append(model(out[-1].argmax(-1)[:, None], cache, last_only=True))
+        return out
+
+    got = run()
+    layers = model.config.num_layers
+    assert calls["sum"] == 5 * layers
+    assert calls["pair"] == (0 if model.transformer.h[0].two_norms else 5 * layers)
+    monkeypatch.setattr(fast_linear, "PAIRS", False)
+    ref = run()
+    assert calls["sum"] == 5 * layers
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)

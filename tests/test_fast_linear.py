@@ -62,3 +62,35 @@ def test_gemv_f32_kernel_rejects_bad_shapes() -> None:
         cpu_kernels.gemv_f32(torch.randn(cpu_kernels.F32_MAX_ROWS + 1, 8), w)
     with pytest.raises(ValueError):
         cpu_kernels.gemv_f32(torch.randn(1, 7), w)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 9, 12, 16])
+@pytest.mark.parametrize("k,n1,n2,k2", [(64, 48, 200, 96), (1000, 37, 5, 13), (7, 1, 8, 7), (96, 301, 300, 250)])
+def test_pair_and_sum_kernels_equal_the_separate_calls(rows: int, k: int, n1: int, n2: int, k2: int) -> None:
+    """One call for two products (linear_pair) or two products and a residual summed (linear_sum): bit for bit what
+    the separate kernel calls and in-place adds give (the same routine for every output), within the module bound."""
+    torch.manual_seed(rows + k)
+    a, b = nn.Linear(k, n1), nn.Linear(k, n2, bias=False)
+    x = torch.randn(rows, 1, k)
+    with torch.no_grad():
+        y1, y2 = fast_linear.linear_pair(a, b, x)
+        assert torch.equal(y1, fast_linear.linear(a, x)) and torch.equal(y2, fast_linear.linear(b, x))
+        assert ((y1 - a(x)).abs() <= _bound(a, x)).all()
+        c = nn.Linear(k2, n1, bias=n1 % 2 == 1)
+        h, r = torch.randn(rows, 1, k2), torch.randn(rows, 1, n1)
+        y = fast_linear.linear_sum(c, h, a, x, r)
+        assert torch.equal(y, fast_linear.linear(c, h).add_(fast_linear.linear(a, x)).add_(r))
+        assert ((y - (c(h) + a(x) + r)).abs() <= _bound(c, h) + _bound(a, x) + 1e-6 * r.abs()).all()
+
+
+def test_pair_and_sum_leave_other_cases_to_the_caller() -> None:
+    a, b = nn.Linear(8, 4), nn.Linear(8, 6)
+    x = torch.randn(2, 8)
+    assert fast_linear.linear_pair(a, b, x) is None  # autograd on: the module path
+    with torch.no_grad():
+        assert fast_linear.linear_pair(a, nn.Sequential(b), x) is None  # another module type
+        assert fast_linear.linear_pair(a, b, torch.randn(2, 8, dtype=torch.float64)) is None
+        assert fast_linear.linear_pair(a, b, torch.randn(cpu_kernels.F32_MAX_ROWS + 1, 8)) is None
+        assert fast_linear.linear_sum(a, x, nn.Linear(8, 6), x, torch.randn(2, 4)) is None  # outputs differ
+        assert fast_linear.linear_sum(a, x, a, x, torch.randn(2, 5)) is None  # residual shape

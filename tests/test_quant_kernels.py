@@ -258,3 +258,24 @@ def test_avx2_fallback_matches_reference(tmp_path):
             f"{__file__!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("fmt1,fmt2", [("int8", "int8"), ("nf4", "nf4"), ("fp4", "nf4-no-dq"), ("nf4", "int8")])
+def test_pair_and_sum_kernels_equal_separate_gemv_calls(rows: int, fmt1: str, fmt2: str) -> None:
+    """gf_gemv_pair / gf_gemv_sum (a parallel Falcon layer's decode step in two calls): bit for bit two gemv calls
+    (and the adds in the same order), whether the two weights share the quantized input or not."""
+    from gyrfalcon.quant.linear import QuantLinear
+
+    torch.manual_seed(rows)
+    k, k2, n1, n2 = 100, 260, 37, 130
+    a = QuantLinear(_weight(fmt1, torch.randn(n1, k)), torch.randn(n1))
+    b = QuantLinear(_weight(fmt2, torch.randn(n2, k)))
+    c = QuantLinear(_weight(fmt2, torch.randn(n1, k2)), torch.randn(n1))
+    x, h, r = torch.randn(rows, k), torch.randn(rows, k2), torch.randn(rows, n1)
+    da, db, dc = (m.weight._descriptor(cpu) for m in (a, b, c))
+    with torch.no_grad():
+        y1, y2 = cpu.gemv_pair(da, a.bias, db, None, x)
+        assert torch.equal(y1, cpu.gemv(da, x, a.bias)) and torch.equal(y2, cpu.gemv(db, x))
+        y = cpu.gemv_sum(dc, c.bias, h, da, a.bias, x, r)
+        assert torch.equal(y, cpu.gemv(dc, h, c.bias).add_(cpu.gemv(da, x, a.bias)).add_(r))

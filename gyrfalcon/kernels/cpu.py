@@ -62,7 +62,11 @@ _SIGNATURES = {
     "gf_dequant_bf16_i8": [_p, _i64, _i64, _i64, _p, _int],
     "gf_dequant_bf16_q4": [_p, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _p, _int],
     "gf_gemv": [_p, _p, _p, _i64, _i64, _p, _i64, _int],
+    "gf_gemv_pair": [_p, _p, _p, _p, _p, _i64, _i64, _p, _p, _int],
+    "gf_gemv_sum": [_p, _p, _p, _p, _p, _p, _p, _i64, _p, _int],
     "gf_gemv_f32": [_p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int],
+    "gf_gemv_f32_pair": [_p, _p, _i64, _p, _p, _i64, _i64, _p, _i64, _i64, _p, _p, _int],
+    "gf_gemv_f32_sum": [_p, _p, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _p, _int],
     "gf_top_p_drop": [_p, _p, _i64, _i64, _p, _p, _int],
     "gf_gemv_f32_max_rows": [],
     "gf_attn_decode": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64,
@@ -71,7 +75,8 @@ _SIGNATURES = {
     "gf_simd": [],
     "gf_version": [],
 }
-_INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows", "gf_attn_decode")
+_INT_RESULT = ("gf_simd", "gf_version", "gf_top_p_drop", "gf_gemv_f32_max_rows", "gf_attn_decode", "gf_gemv_pair",
+               "gf_gemv_sum")
 MAX_BATCH = 8  # rows per quantized gemv call (the kernels' register blocking)
 # Rows per gemv_f32 call: 16 where the library has AVX2 or AVX-512 (gemv_f32.c's tiles), else 8. Set at load.
 F32_MAX_ROWS = 8
@@ -235,6 +240,29 @@ def gemv(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None = None) ->
     return y
 
 
+def gemv_pair(d1: WeightDesc, b1: torch.Tensor | None, d2: WeightDesc, b2: torch.Tensor | None,
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`gemv(d1, x, b1)`, `gemv(d2, x, b2)`) in one call, the input quantized once: x [B <= 8, K] contiguous fp32."""
+    b = x.shape[0]
+    y1, y2 = torch.empty(b, d1.N), torch.empty(b, d2.N)
+    if _lib.gf_gemv_pair(ctypes.byref(d1), _ptr(b1), ctypes.byref(d2), _ptr(b2), x.data_ptr(), x.stride(0), b,
+                         y1.data_ptr(), y2.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("gemv_pair: cannot allocate its input buffers")
+    return y1, y2
+
+
+def gemv_sum(d1: WeightDesc, b1: torch.Tensor | None, x1: torch.Tensor, d2: WeightDesc, b2: torch.Tensor | None,
+             x2: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """`gemv(d1, x1, b1) + gemv(d2, x2, b2) + r`, added in that order, in one call: x1 [B <= 8, K1], x2 [B, K2],
+    r [B, N] or None, all contiguous fp32."""
+    b = x1.shape[0]
+    y = torch.empty(b, d1.N)
+    if _lib.gf_gemv_sum(ctypes.byref(d1), _ptr(b1), x1.data_ptr(), ctypes.byref(d2), _ptr(b2), x2.data_ptr(), _ptr(r),
+                        b, y.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("gemv_sum: cannot allocate its buffers")
+    return y
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -270,6 +298,29 @@ def gemv_f32_unchecked(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     n, k = w.shape
     _lib.gf_gemv_f32(w.data_ptr(), None if bias is None else bias.data_ptr(), n, k, x.data_ptr(), k, rows,
                      out.data_ptr(), n, torch.get_num_threads())
+
+
+def gemv_f32_pair_unchecked(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                            b2: torch.Tensor | None, rows: int, out1: torch.Tensor, out2: torch.Tensor) -> None:
+    """out1 = x w1^T + b1 and out2 = x w2^T + b2 in one call (gemv_f32.c's gf_gemv_f32_pair), each exactly as
+    `gemv_f32` computes it. Unchecked like `gemv_f32_unchecked`: x contiguous fp32 [rows, K], w1 [N1, K] and w2
+    [N2, K] contiguous fp32, out1 [rows, N1] and out2 [rows, N2] contiguous fp32, the library loaded."""
+    k = x.shape[-1]
+    _lib.gf_gemv_f32_pair(w1.data_ptr(), None if b1 is None else b1.data_ptr(), w1.shape[0], w2.data_ptr(),
+                          None if b2 is None else b2.data_ptr(), w2.shape[0], k, x.data_ptr(), k, rows,
+                          out1.data_ptr(), out2.data_ptr(), torch.get_num_threads())
+
+
+def gemv_f32_sum_unchecked(x1: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, x2: torch.Tensor,
+                           w2: torch.Tensor, b2: torch.Tensor | None, r: torch.Tensor | None, rows: int,
+                           out: torch.Tensor) -> None:
+    """out = (x1 w1^T + b1) + (x2 w2^T + b2) + r, added in that order (gf_gemv_f32_sum), each product exactly as
+    `gemv_f32` computes it. Unchecked: x1 [rows, K1], x2 [rows, K2], w1 [N, K1], w2 [N, K2], r and out [rows, N],
+    all contiguous fp32, the library loaded."""
+    _lib.gf_gemv_f32_sum(w1.data_ptr(), None if b1 is None else b1.data_ptr(), w1.shape[1], x1.data_ptr(),
+                         w2.data_ptr(), None if b2 is None else b2.data_ptr(), w2.shape[1], x2.data_ptr(),
+                         None if r is None else r.data_ptr(), w1.shape[0], rows, out.data_ptr(),
+                         torch.get_num_threads())
 
 
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -169,12 +169,10 @@ static inline void dot_tile(const float *w, int rows, int64_t K, const float *x,
 /* 5..16 input rows: three weight rows at a time; above 8 input rows (a server's decode batch) the input rows go in
  * groups of 8 through the same tile, which streams from memory for the first group and is re-read from L1/L2 for
  * the next, so the matrix is still read from memory once per call. */
-static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
-                           int64_t B, float *y, int64_t ldy, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + 2) / 3; t++) {
-        const int64_t n = 3 * t;
-        const int rows = N - n < 3 ? (int)(N - n) : 3;
+static void gemv_f32_tiles(const float *w, const float *bias, int64_t n0, int64_t n1, int64_t K, const float *x,
+                           int64_t ldx, int64_t B, float *y, int64_t ldy) {
+    for (int64_t n = n0; n < n1; n += 3) {
+        const int rows = n1 - n < 3 ? (int)(n1 - n) : 3;
         for (int64_t g = 0; g < B; g += 8) {
             const int nb = B - g < 8 ? (int)(B - g) : 8;
             float out[24];
@@ -221,12 +219,10 @@ static inline __attribute__((always_inline)) void dot_rows_avx2(const float *w, 
 /* 9..16 input rows: two weight rows at a time against the input rows in groups of 4; the weight rows
  * stream from memory for the first group and are re-read from L1/L2 for the others, so the matrix is still read
  * from memory once per call. */
-static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx,
-                           int64_t B, float *y, int64_t ldy, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + 1) / 2; t++) {
-        const int64_t n = 2 * t;
-        const int rows = N - n < 2 ? (int)(N - n) : 2;
+static void gemv_f32_tiles(const float *w, const float *bias, int64_t n0, int64_t n1, int64_t K, const float *x,
+                           int64_t ldx, int64_t B, float *y, int64_t ldy) {
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int rows = n1 - n < 2 ? (int)(n1 - n) : 2;
         for (int64_t g = 0; g < B; g += 4) {
             const int nb = B - g < 4 ? (int)(B - g) : 4;
             float out[8];
@@ -247,9 +243,9 @@ static void gemv_f32_tiles(const float *w, const float *bias, int64_t N, int64_t
 #endif
 
 #define GF_GEMV_F32_B(B)                                                                                           \
-    static void gemv_f32_b##B(const float *w, const float *bias, int64_t N, int64_t K, const float *x,               \
-                              int64_t ldx, float *y, int64_t ldy, int nthreads) {                                    \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)") for (int64_t n = 0; n < N; n++) {        \
+    static void gemv_f32_b##B(const float *w, const float *bias, int64_t n0, int64_t n1, int64_t K, const float *x, \
+                              int64_t ldx, float *y, int64_t ldy) {                                                  \
+        for (int64_t n = n0; n < n1; n++) {                                                                          \
             float out[8];                                                                                            \
             dot_row_b(w + n * K, x, ldx, K, B, out);                                                                 \
             float bn = bias ? bias[n] : 0.0f;                                                                        \
@@ -266,10 +262,9 @@ GF_GEMV_F32_B(7)
 GF_GEMV_F32_B(8)
 #endif
 
-static void gemv_f32_b1(const float *w, const float *bias, int64_t N, int64_t K, const float *x, float *y,
-                        int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) y[n] = dot_row(w + n * K, x, K) + (bias ? bias[n] : 0.0f);
+static void gemv_f32_b1(const float *w, const float *bias, int64_t n0, int64_t n1, int64_t K, const float *x,
+                        float *y) {
+    for (int64_t n = n0; n < n1; n++) y[n] = dot_row(w + n * K, x, K) + (bias ? bias[n] : 0.0f);
 }
 
 #if !defined(GF_F32_TILES_ABOVE)
@@ -278,25 +273,97 @@ static void gemv_f32_b1(const float *w, const float *bias, int64_t N, int64_t K,
 
 int gf_gemv_f32_max_rows(void) { return GF_F32_MAX_ROWS; }
 
-/* w [N, K] (row stride K), x [B, K] (row stride ldx), y [B, N] (row stride ldy); 1 <= B <= gf_gemv_f32_max_rows(). */
-void gf_gemv_f32(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t B,
-                 float *y, int64_t ldy, int nthreads) {
+/* Rows n0..n1 of y = x W^T + bias, on the calling thread. Every output element is computed by the same routine
+ * whichever range it falls in, as long as n0 is a multiple of ROW_ALIGN (the tiles take 2 or 3 weight rows). */
+#define ROW_ALIGN 6
+static void gemv_f32_rows(const float *w, const float *bias, int64_t n0, int64_t n1, int64_t K, const float *x,
+                          int64_t ldx, int64_t B, float *y, int64_t ldy) {
+    if (n1 <= n0) return;
 #if defined(GF_F32_TILES_ABOVE)
     if (B > GF_F32_TILES_ABOVE) {
-        gemv_f32_tiles(w, bias, N, K, x, ldx, B, y, ldy, nthreads);
+        gemv_f32_tiles(w, bias, n0, n1, K, x, ldx, B, y, ldy);
         return;
     }
 #endif
     switch (B) {
-    case 1: gemv_f32_b1(w, bias, N, K, x, y, nthreads); break;
-    case 2: gemv_f32_b2(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
-    case 3: gemv_f32_b3(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
-    case 4: gemv_f32_b4(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
+    case 1: gemv_f32_b1(w, bias, n0, n1, K, x, y); break;
+    case 2: gemv_f32_b2(w, bias, n0, n1, K, x, ldx, y, ldy); break;
+    case 3: gemv_f32_b3(w, bias, n0, n1, K, x, ldx, y, ldy); break;
+    case 4: gemv_f32_b4(w, bias, n0, n1, K, x, ldx, y, ldy); break;
 #if !defined(__AVX512F__)
-    case 5: gemv_f32_b5(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
-    case 6: gemv_f32_b6(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
-    case 7: gemv_f32_b7(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
-    default: gemv_f32_b8(w, bias, N, K, x, ldx, y, ldy, nthreads); break;
+    case 5: gemv_f32_b5(w, bias, n0, n1, K, x, ldx, y, ldy); break;
+    case 6: gemv_f32_b6(w, bias, n0, n1, K, x, ldx, y, ldy); break;
+    case 7: gemv_f32_b7(w, bias, n0, n1, K, x, ldx, y, ldy); break;
+    default: gemv_f32_b8(w, bias, n0, n1, K, x, ldx, y, ldy); break;
 #endif
+    }
+}
+
+/* This thread's share [*a, *b) of `total` rows: contiguous, in multiples of ROW_ALIGN (one sequential stream per
+ * thread, which the hardware prefetchers follow best). */
+static void thread_rows(int64_t total, int64_t *a, int64_t *b) {
+#ifdef _OPENMP
+    int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    int64_t t = 0, nt = 1;
+#endif
+    int64_t units = (total + ROW_ALIGN - 1) / ROW_ALIGN, per = units / nt, extra = units % nt;
+    int64_t u0 = t * per + (t < extra ? t : extra), u1 = u0 + per + (t < extra ? 1 : 0);
+    *a = u0 * ROW_ALIGN < total ? u0 * ROW_ALIGN : total;
+    *b = u1 * ROW_ALIGN < total ? u1 * ROW_ALIGN : total;
+}
+
+/* w [N, K] (row stride K), x [B, K] (row stride ldx), y [B, N] (row stride ldy); 1 <= B <= gf_gemv_f32_max_rows(). */
+void gf_gemv_f32(const float *w, const float *bias, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t B,
+                 float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t a, b;
+        thread_rows(N, &a, &b);
+        gemv_f32_rows(w, bias, a, b, K, x, ldx, B, y, ldy);
+    }
+}
+
+/* Two products of one input in one parallel pass: y1 = x W1^T + b1 ([B, N1]) and y2 = x W2^T + b2 ([B, N2]), each
+ * exactly as gf_gemv_f32 computes it. A decode step of the parallel Falcon layouts feeds one normalized input to
+ * query_key_value and dense_h_to_4h; one call instead of two halves the thread start-ups and Python calls. The
+ * rows of the two matrices are split between the threads as one list (W1's, then W2's). */
+void gf_gemv_f32_pair(const float *w1, const float *b1, int64_t N1, const float *w2, const float *b2, int64_t N2,
+                      int64_t K, const float *x, int64_t ldx, int64_t B, float *y1, float *y2, int nthreads) {
+    const int64_t N1a = (N1 + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN; /* W2's rows start on an aligned unit */
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t a, b;
+        thread_rows(N1a + N2, &a, &b);
+        gemv_f32_rows(w1, b1, a < N1 ? a : N1, b < N1 ? b : N1, K, x, ldx, B, y1, N1);
+        gemv_f32_rows(w2, b2, a > N1a ? a - N1a : 0, b > N1a ? b - N1a : 0, K, x, ldx, B, y2, N2);
+    }
+}
+
+/* Rows of one thread's share handled together in gf_gemv_f32_sum (its scratch: 2 x 16 x SUM_CHUNK floats). */
+#define SUM_CHUNK 48
+
+/* y = (x1 W1^T + b1) + (x2 W2^T + b2) + r, added in that order, [B, N] (all row strides: the widths): the output
+ * projections of a parallel Falcon layer's MLP (W1: dense_4h_to_h) and attention (W2: dense) and the residual,
+ * which the reference adds as (mlp + attn) + x. Each product is computed as gf_gemv_f32 does. r may be NULL. */
+void gf_gemv_f32_sum(const float *w1, const float *b1, int64_t K1, const float *x1, const float *w2,
+                     const float *b2, int64_t K2, const float *x2, const float *r, int64_t N, int64_t B, float *y,
+                     int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t a, b;
+        thread_rows(N, &a, &b);
+        float p[16 * SUM_CHUNK], q[16 * SUM_CHUNK];
+        for (int64_t c = a; c < b; c += SUM_CHUNK) {
+            const int64_t n = b - c < SUM_CHUNK ? b - c : SUM_CHUNK;
+            /* The chunk's rows as rows 0..n of a product whose output row stride is SUM_CHUNK. */
+            gemv_f32_rows(w1 + c * K1, b1 ? b1 + c : NULL, 0, n, K1, x1, K1, B, p, SUM_CHUNK);
+            gemv_f32_rows(w2 + c * K2, b2 ? b2 + c : NULL, 0, n, K2, x2, K2, B, q, SUM_CHUNK);
+            for (int64_t i = 0; i < B; i++)
+                for (int64_t j = 0; j < n; j++) {
+                    float v = p[i * SUM_CHUNK + j] + q[i * SUM_CHUNK + j];
+                    y[i * N + c + j] = r ? v + r[i * N + c + j] : v;
+                }
+        }
     }
 }

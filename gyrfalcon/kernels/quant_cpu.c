@@ -653,3 +653,106 @@ void gf_gemv(const gf_weight *W, const float *bias, const float *x, int64_t ldx,
         gf_gemv_q4((const uint8_t *)W->w, W->scale, W->absq, W->absmax2, W->code2, (float)W->offset, W->code, bias,
                    W->N, W->K, W->KP, x, ldx, B, y, ldy, nthreads);
 }
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Two products in one parallel pass (a parallel Falcon layer's decode step; see gemv_f32.c's pair and sum). Each
+ * output is computed by the same row routine as gf_gemv, so the results are those of two gf_gemv calls. */
+
+typedef struct {
+    const gf_weight *W;
+    const float *bias;
+    q4w q;
+    int16_t code16[16];
+    int16_t *xq; /* the input quantized for this weight's kind */
+    float *xs;
+    int owns_x;
+} gf_call;
+
+#define ROW_CHUNK 16
+
+static int call_init(gf_call *c, const gf_weight *W, const float *bias, const float *x, int64_t ldx, int64_t B,
+                     const gf_call *share) {
+    c->W = W;
+    c->bias = bias;
+    if (W->kind != 0) {
+        q4w q = {(const uint8_t *)W->w, W->scale, W->absq, W->absmax2, W->code2, (float)W->offset};
+        c->q = q;
+        for (int i = 0; i < 16; i++) c->code16[i] = (int16_t)lrintf(W->code[i] * CODE_SCALE);
+    }
+    if (share && share->W->kind == W->kind && share->W->KP == W->KP && share->W->K == W->K) {
+        c->xq = share->xq; /* the same input, quantized the same way */
+        c->xs = share->xs;
+        c->owns_x = 0;
+        return 0;
+    }
+    c->xq = (int16_t *)aligned_alloc(64, (size_t)(B * W->KP * 2 + 64) / 64 * 64);
+    c->xs = (float *)malloc(sizeof(float) * (size_t)(B * W->KP / QB + 1));
+    c->owns_x = 1;
+    if (!c->xq || !c->xs) return -1;
+    quantize_x(x, ldx, B, W->K, W->KP, W->kind != 0, c->xq, c->xs);
+    return 0;
+}
+
+static void call_free(gf_call *c) {
+    if (c->owns_x) {
+        free(c->xq);
+        free(c->xs);
+    }
+}
+
+static void call_rows(const gf_call *c, int64_t n0, int64_t n1, int64_t B, float *y, int64_t ldy) {
+    const gf_weight *W = c->W;
+    if (W->kind == 0)
+        gemv_i8_rows((const int8_t *)W->w, W->scale, c->bias, n0, n1, W->K, W->KP, c->xq, c->xs, (int)B, y, ldy);
+    else
+        gemv_q4_rows(&c->q, c->code16, W->code, c->bias, n0, n1, W->KP, c->xq, c->xs, (int)B, y, ldy);
+}
+
+/* y1 = x W1^T + b1 [B, N1], y2 = x W2^T + b2 [B, N2] (row strides N1, N2); x [B, K] (row stride ldx) quantized once
+ * when both weights take it the same way. Returns 0, or -1 when a buffer cannot be allocated. */
+int gf_gemv_pair(const gf_weight *W1, const float *b1, const gf_weight *W2, const float *b2, const float *x,
+                 int64_t ldx, int64_t B, float *y1, float *y2, int nthreads) {
+    gf_call c1 = {0}, c2 = {0};
+    int err = call_init(&c1, W1, b1, x, ldx, B, NULL);
+    if (!err) err = call_init(&c2, W2, b2, x, ldx, B, &c1);
+    if (!err) {
+        const int64_t m1 = (W1->N + ROW_CHUNK - 1) / ROW_CHUNK, m2 = (W2->N + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t c = 0; c < m1 + m2; c++) {
+            const gf_call *k = c < m1 ? &c1 : &c2;
+            const int64_t n0 = (c < m1 ? c : c - m1) * ROW_CHUNK, N = k->W->N;
+            call_rows(k, n0, n0 + ROW_CHUNK < N ? n0 + ROW_CHUNK : N, B, c < m1 ? y1 : y2, N);
+        }
+    }
+    call_free(&c1);
+    call_free(&c2);
+    return err;
+}
+
+/* y = (x1 W1^T + b1) + (x2 W2^T + b2) + r, added in that order, [B, N] (row stride N; x1, x2 row strides K1, K2; r
+ * may be NULL). Returns 0, or -1 when a buffer cannot be allocated. */
+int gf_gemv_sum(const gf_weight *W1, const float *b1, const float *x1, const gf_weight *W2, const float *b2,
+                const float *x2, const float *r, int64_t B, float *y, int nthreads) {
+    const int64_t N = W1->N;
+    gf_call c1 = {0}, c2 = {0};
+    float *p = (float *)malloc(sizeof(float) * (size_t)(2 * B * N + 1)), *q = p ? p + B * N : NULL;
+    int err = p ? call_init(&c1, W1, b1, x1, W1->K, B, NULL) : -1;
+    if (!err) err = call_init(&c2, W2, b2, x2, W2->K, B, NULL);
+    if (!err) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t c = 0; c < (N + ROW_CHUNK - 1) / ROW_CHUNK; c++) {
+            const int64_t n0 = c * ROW_CHUNK, n1 = n0 + ROW_CHUNK < N ? n0 + ROW_CHUNK : N;
+            call_rows(&c1, n0, n1, B, p, N);
+            call_rows(&c2, n0, n1, B, q, N);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t n = n0; n < n1; n++) {
+                    const float v = p[b * N + n] + q[b * N + n];
+                    y[b * N + n] = r ? v + r[b * N + n] : v;
+                }
+        }
+    }
+    call_free(&c1);
+    call_free(&c2);
+    free(p);
+    return err;
+}

@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FalconConfig
-from . import fast_decode
+from . import fast_decode, fast_linear
 from .cache import KVCache
+from .fast_linear import decode_rows as _decode_rows
 from .fast_linear import linear as _linear
+from .fast_linear import linear_pair as _linear_pair
+from .fast_linear import linear_sum as _linear_sum
 from .fast_linear import no_grad_needed as _no_grad
 from .layers import Rotary, alibi_bias, alibi_slopes, apply_rotary_rolled
 
@@ -67,15 +70,18 @@ class FalconAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: _StepContext, layer: int) -> torch.Tensor:
-        b, t, _ = x.shape
+        return _linear(self.dense, self.attend(_linear(self.query_key_value, x), ctx, layer))
+
+    def attend(self, qkv: torch.Tensor, ctx: _StepContext, layer: int) -> torch.Tensor:
+        """Everything between the two linears: qkv [B, T, (H + 2G) d] -> the heads' outputs [B, T, H d]."""
+        b, t, _ = qkv.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = _linear(self.query_key_value, x)
         if t == 1 and ctx.bias is None and ctx.one_each:
             # Decoding: rotary, cache write and attention in one compiled kernel where it applies (fast_decode.py);
             # the code below is its reference.
             out = fast_decode.attention(qkv, h, g, d, ctx.rope, ctx.cache, layer)
             if out is not None:
-                return _linear(self.dense, out)
+                return out
         q, k, v = self.split_qkv(qkv, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)
@@ -91,15 +97,13 @@ class FalconAttention(nn.Module):
             if ctx.mask is not None:
                 scores = scores.view(b, g, h // g, s).masked_fill_(ctx.mask.logical_not(), float("-inf"))
             out = torch.bmm(scores.view(b * g, h // g, s).softmax(-1), v.reshape(b * g, s, d))
-            out = out.view(b, 1, h * d)
-        else:
-            if g < h:
-                k = k.repeat_interleave(h // g, dim=1)
-                v = v.repeat_interleave(h // g, dim=1)
-            mask = ctx.mask if ctx.bias is None else ctx.bias
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx.is_causal)
-            out = out.transpose(1, 2).reshape(b, t, h * d)
-        return _linear(self.dense, out)
+            return out.view(b, 1, h * d)
+        if g < h:
+            k = k.repeat_interleave(h // g, dim=1)
+            v = v.repeat_interleave(h // g, dim=1)
+        mask = ctx.mask if ctx.bias is None else ctx.bias
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx.is_causal)
+        return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 class FalconMLP(nn.Module):
@@ -118,15 +122,17 @@ class FalconMLP(nn.Module):
         return self._mlp(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = _linear(self.dense_h_to_4h, x)
+        return _linear(self.dense_4h_to_h, self.activation(_linear(self.dense_h_to_4h, x)))
+
+    @staticmethod
+    def activation(h: torch.Tensor) -> torch.Tensor:
         # In place when nothing needs the pre-activation for a backward pass: the widest activation, held once.
         # A decode step's GELU goes to the compiled kernel (fast_decode.py), where torch's erf is slow for the size.
         if _no_grad(h):
             if fast_decode.gelu_(h) is None:
                 h = torch._C._nn.gelu_(h)
-        else:
-            h = F.gelu(h)
-        return _linear(self.dense_4h_to_h, h)
+            return h
+        return F.gelu(h)
 
 
 class FalconDecoderLayer(nn.Module):
@@ -150,6 +156,10 @@ class FalconDecoderLayer(nn.Module):
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:
             attn_in = mlp_in = self.input_layernorm(x)
+        if self.parallel and x.shape[1] == 1:
+            out = self._decode_parallel(x, attn_in, mlp_in, ctx, layer)
+            if out is not None:
+                return out
         attn = self.self_attention(attn_in, ctx, layer)
         if self.parallel:
             out = self.mlp(mlp_in)
@@ -158,6 +168,28 @@ class FalconDecoderLayer(nn.Module):
         x = x + attn
         out = self.mlp(self.post_attention_layernorm(x))
         return out.add_(x) if _no_grad(out) else out + x
+
+    def _decode_parallel(self, x: torch.Tensor, attn_in: torch.Tensor, mlp_in: torch.Tensor, ctx: _StepContext,
+                         layer: int) -> torch.Tensor | None:
+        """A parallel layer's decode step with its four linears in two kernel calls (query_key_value with
+        dense_h_to_4h when they share the input; dense_4h_to_h with dense, summed with the residual): the same
+        numbers as `forward`'s general path, which is the reference. None when the fp32 decode kernels are off."""
+        attention, mlp = self.self_attention, self.mlp
+        if not fast_linear.PAIRS or not _decode_rows(x):
+            return None
+        if attn_in is mlp_in:
+            pair = _linear_pair(attention.query_key_value, mlp.dense_h_to_4h, attn_in)
+            if pair is None:
+                return None
+            qkv, h = pair
+        else:  # two norms (40B/180B): two inputs
+            qkv, h = _linear(attention.query_key_value, attn_in), _linear(mlp.dense_h_to_4h, mlp_in)
+        attn = attention.attend(qkv, ctx, layer)
+        h = mlp.activation(h)
+        out = _linear_sum(mlp.dense_4h_to_h, h, attention.dense, attn, x)
+        if out is None:  # another module type (LoRA, LLM.int8, a mix): the separate linears, as `forward` adds them
+            out = _linear(mlp.dense_4h_to_h, h).add_(_linear(attention.dense, attn)).add_(x)
+        return out
 
 
 class FalconModel(nn.Module):

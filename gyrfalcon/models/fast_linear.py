@@ -25,6 +25,7 @@ from torch import nn
 from ..kernels import cpu as cpu_kernels
 
 FAST = True  # False: every call is `mod(x)` (the reference path, for comparisons)
+PAIRS = True  # False: a parallel layer's decode step calls its four linears one by one (comparisons)
 
 
 def _onednn_ok() -> bool:
@@ -91,3 +92,78 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         y = F.linear(x2, w, bias)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _kernel_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a plain fp32 CPU nn.Linear that the gemv kernels can read in place, else None."""
+    if type(mod) is not nn.Linear or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    params = mod._parameters
+    w, bias = params["weight"], params["bias"]
+    if not (w.dtype is _F32 and w.is_cpu and w.is_contiguous()):
+        return None
+    if bias is not None and not (bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous()):
+        return None
+    return w, bias
+
+
+def decode_rows(x: torch.Tensor) -> int:
+    """Rows of a decode-sized contiguous fp32 CPU input the kernels take, or 0 (then the caller's path is torch)."""
+    if not (FAST and not torch.is_grad_enabled() and x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
+        return 0
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not (0 < rows <= cpu_kernels.F32_MAX_ROWS) or _compiling() or not cpu_kernels.available():
+        return 0
+    return rows
+
+
+def _quant():
+    """gyrfalcon.quant.linear (its quantized linears have pair and sum kernels too), imported at first use."""
+    from ..quant import linear as quant_linear
+
+    return quant_linear
+
+
+def linear_pair(mod1: nn.Module, mod2: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(`linear(mod1, x)`, `linear(mod2, x)`) in one kernel call when both go to the fp32 gemv kernel, or both to the
+    quantized ones (the same numbers as two calls), else None. A parallel Falcon layer's query_key_value and
+    dense_h_to_4h share their input."""
+    rows = decode_rows(x)
+    if not rows:
+        return None
+    p1 = _kernel_weight(mod1)
+    p2 = _kernel_weight(mod2) if p1 is not None else None
+    if p2 is None:
+        return _quant().decode_pair(mod1, mod2, x)
+    (w1, b1), (w2, b2) = p1, p2
+    if w1.shape[1] != x.shape[-1] or w2.shape[1] != x.shape[-1]:
+        return None
+    lead = x.shape[:-1]
+    y1, y2 = torch.empty(*lead, w1.shape[0]), torch.empty(*lead, w2.shape[0])
+    cpu_kernels.gemv_f32_pair_unchecked(x, w1, b1, w2, b2, rows, y1, y2)
+    return y1, y2
+
+
+def linear_sum(mod1: nn.Module, x1: torch.Tensor, mod2: nn.Module, x2: torch.Tensor,
+               residual: torch.Tensor) -> torch.Tensor | None:
+    """`linear(mod1, x1) + linear(mod2, x2) + residual`, added in that order, in one kernel call when both products go
+    to the fp32 gemv kernel, or both to the quantized ones (the same numbers as the separate calls and adds), else
+    None. A parallel Falcon layer ends with (mlp + attention) + x, mlp and attention each ending in a linear."""
+    rows = decode_rows(x1)
+    if not rows or decode_rows(x2) != rows or x1.shape[:-1] != x2.shape[:-1]:
+        return None
+    if residual.dtype is not _F32 or not residual.is_contiguous() or not residual.is_cpu:
+        return None
+    p1 = _kernel_weight(mod1)
+    p2 = _kernel_weight(mod2) if p1 is not None else None
+    if p2 is None:
+        return _quant().decode_sum(mod1, x1, mod2, x2, residual)
+    (w1, b1), (w2, b2) = p1, p2
+    n = w1.shape[0]
+    shape = (*x1.shape[:-1], n)
+    if w2.shape[0] != n or w1.shape[1] != x1.shape[-1] or w2.shape[1] != x2.shape[-1] or residual.shape != shape:
+        return None
+    y = torch.empty(shape)
+    cpu_kernels.gemv_f32_sum_unchecked(x1, w1, b1, x2, w2, b2, residual, rows, y)
+    return y

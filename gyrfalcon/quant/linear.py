@@ -571,3 +571,51 @@ class QuantEmbedding(_QuantModule):
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
+
+
+def _decode_operands(mod: nn.Module, kern) -> tuple | None:
+    """(kernel descriptor, fp32 bias) of a QuantLinear whose decode product `forward` sends to the CPU kernels."""
+    if not isinstance(mod, QuantLinear) or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    w = mod.weight
+    if not w.plain or w.device.type != "cpu":
+        return None
+    bias = mod.bias
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    return w._descriptor(kern), bias
+
+
+def decode_pair(mod1: nn.Module, mod2: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mod1(x), mod2(x)) for two quantized linears of one decode-sized input ([..., K] contiguous fp32 on CPU, at most
+    8 rows, no autograd: the caller checks) in one kernel call, the input quantized once; the same numbers as the two
+    module calls. None when either module is not a plain QuantLinear on the CPU kernels."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    kern = _cpu_kernels()
+    if kern is None or not 0 < rows <= _DECODE_ROWS:
+        return None
+    a = _decode_operands(mod1, kern)
+    b = _decode_operands(mod2, kern) if a is not None else None
+    if b is None or mod1.in_features != k or mod2.in_features != k:
+        return None
+    y1, y2 = kern.gemv_pair(a[0], a[1], b[0], b[1], x.view(rows, k))
+    return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
+
+
+def decode_sum(mod1: nn.Module, x1: torch.Tensor, mod2: nn.Module, x2: torch.Tensor,
+               residual: torch.Tensor) -> torch.Tensor | None:
+    """mod1(x1) + mod2(x2) + residual, added in that order, in one kernel call (the same numbers as the module calls
+    and adds) for two quantized linears with decode-sized inputs (as in `decode_pair`), else None."""
+    k1, k2 = x1.shape[-1], x2.shape[-1]
+    rows = x1.numel() // k1 if k1 else 0
+    kern = _cpu_kernels()
+    if kern is None or not 0 < rows <= _DECODE_ROWS or x2.numel() != rows * k2:
+        return None
+    a = _decode_operands(mod1, kern)
+    b = _decode_operands(mod2, kern) if a is not None else None
+    if (b is None or mod1.in_features != k1 or mod2.in_features != k2 or mod1.out_features != mod2.out_features
+            or residual.shape != (*x1.shape[:-1], mod1.out_features)):
+        return None
+    y = kern.gemv_sum(a[0], a[1], x1.view(rows, k1), b[0], b[1], x2.view(rows, k2), residual.view(rows, -1))
+    return y.view(residual.shape)
