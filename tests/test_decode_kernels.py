@@ -105,6 +105,18 @@ def test_attention_kernel_matches_reference(h, g, lengths, store) -> None:
         assert torch.equal(v_at, qkv[r].view(g, h // g + 2, d)[:, -1])
 
 
+def ragged_prefill_then_greedy(model, ids: torch.Tensor, lengths: list[int], steps: int,
+                               capacity: int) -> list[torch.Tensor]:
+    """Last-token logits of a right-padded prefill of `ids` ([B, T], row b has lengths[b] tokens), then of `steps`
+    greedy one-token decode steps."""
+    cache = model.new_cache(ids.shape[0], capacity)
+    with torch.inference_mode():
+        out = [model(ids, cache, input_lengths=lengths, last_only=True)]
+        for _ in range(steps):
+            out.append(model(out[-1].argmax(-1)[:, None], cache, last_only=True))
+    return out
+
+
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
     calls = {"attn": 0, "gelu": 0}
@@ -127,16 +139,10 @@ def count_kernel_calls(monkeypatch):
 def test_model_decode_with_kernels_equals_reference(layout, count_kernel_calls, monkeypatch) -> None:
     model = gyrfalcon_from_hf(layout)
     torch.manual_seed(1)
-    lengths = [7, 3, 11]
     ids = torch.randint(3, 131, (3, 11))
 
     def run() -> list[torch.Tensor]:
-        cache = model.new_cache(3, 8)  # grows during the run
-        with torch.inference_mode():
-            out = [model(ids, cache, input_lengths=lengths, last_only=True)]
-            for _ in range(6):
-                out.append(model(out[-1].argmax(-1)[:, None], cache, last_only=True))
-        return out
+        return ragged_prefill_then_greedy(model, ids, [7, 3, 11], steps=6, capacity=8)  # the cache grows
 
     got = run()
     assert count_kernel_calls["attn"] == 6 * model.config.num_layers
@@ -192,16 +198,10 @@ def test_parallel_layer_in_two_kernel_calls_equals_the_general_path(layout, quan
     monkeypatch.setattr(falcon, "_linear_pair", counted_pair)
     monkeypatch.setattr(falcon, "_linear_sum", counted_sum)
     torch.manual_seed(2)
-    lengths = [5, 9]
     ids = torch.randint(3, 131, (2, 9))
 
     def run() -> list[torch.Tensor]:
-        cache = model.new_cache(2, 16)
-        with torch.inference_mode():
-            out = [model(ids, cache, input_lengths=lengths, last_only=True)]
-            for _ in range(5):
-                out.append(model(out[-1].argmax(-1)[:, None], cache, last_only=True))
-        return out
+        return ragged_prefill_then_greedy(model, ids, [5, 9], steps=5, capacity=16)
 
     got = run()
     layers = model.config.num_layers
