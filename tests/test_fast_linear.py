@@ -94,3 +94,17 @@ def test_pair_and_sum_leave_other_cases_to_the_caller() -> None:
         assert fast_linear.linear_pair(a, b, torch.randn(cpu_kernels.F32_MAX_ROWS + 1, 8)) is None
         assert fast_linear.linear_sum(a, x, nn.Linear(8, 6), x, torch.randn(2, 4)) is None  # outputs differ
         assert fast_linear.linear_sum(a, x, a, x, torch.randn(2, 5)) is None  # residual shape
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+def test_prefill_gemm_choices_equal_module(gemm: str, monkeypatch) -> None:
+    monkeypatch.setattr(fast_linear, "PREFILL_GEMM", gemm)
+    torch.manual_seed(3)
+    mod = nn.Linear(300, 70)
+    x = torch.randn(2, 65, 300)
+    with torch.no_grad():
+        ref, got = mod(x), fast_linear.linear(mod, x)
+    assert ((got - ref).abs() <= _bound(mod, x)).all()
+    monkeypatch.setattr(fast_linear, "PREFILL_GEMM", "blas")
+    with pytest.raises(ValueError, match="GYRFALCON_PREFILL_GEMM"), torch.no_grad():
+        fast_linear.linear(mod, x)

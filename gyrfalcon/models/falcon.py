@@ -31,7 +31,9 @@ from .fast_linear import linear_sum as _linear_sum
 from .fast_linear import no_grad_needed as _no_grad
 from .layers import Rotary, alibi_bias, alibi_slopes, apply_rotary_rolled
 
-_MLP_CHUNK = 256  # rows per block of a long prefill's MLP (bounds its 4x-wide activation)
+# Rows per block of a long prefill's MLP: bounds its 4x-wide activation (16 MiB at hidden 1024). 1024 rather than
+# 256: on the AVX2 host, 8 x 1090-token contexts (an ARC scoring batch) ran 4.5% faster (bigger GEMMs).
+_MLP_CHUNK = 1024
 
 
 class FalconAttention(nn.Module):

@@ -10,13 +10,17 @@ the 2-core AMD EPYC we benchmark on (a 65024 x 1024 fp32 matrix, 2 threads):
 The kernel takes 9-16 rows too (a server's decode batch: the rows in groups over one pass of the weights); on the
 250M model's 65 matrices, 16 rows took 72 ms against 97 ms with oneDNN on an AVX-512 EPYC (and more with MKL, `W @
 x^T`: 35 ms for 9 rows of the head alone, oneDNN 17), 112 against 126 ms on an AVX2 one (Zen 3). Above that
-(prefill) oneDNN's fp32 GEMM, which beats MKL's. Everything else (another dtype or device, a quantized/LoRA/hooked
+(prefill, scoring) a GEMM: oneDNN's on CPUs with AVX-512, where it beat MKL's; MKL's (F.linear) elsewhere: on the AVX2
+Zen 3, a whole 250M model's forward ran 2% (1 x 128 tokens) to 8% (8 x 1090) faster with MKL than with oneDNN.
+Everything else (another dtype or device, a quantized/LoRA/hooked
 module, autograd through the weight or the input) is plain `mod(x)`, which is also the reference path: set `FAST =
 False` (or GYRFALCON_KERNELS=0 for the compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py
 holds the two together.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,9 @@ def _onednn_ok() -> bool:
 
 
 _ONEDNN = _onednn_ok()
+# The GEMM for more rows than the gemv kernel takes (prefill, scoring): "onednn" or "mkl" (torch's F.linear), chosen
+# per CPU at first use (`_prefill_gemm`, see the module docstring); GYRFALCON_PREFILL_GEMM=onednn|mkl overrides.
+PREFILL_GEMM: str | None = os.environ.get("GYRFALCON_PREFILL_GEMM") or None
 
 
 def _compiling() -> bool:
@@ -44,6 +51,15 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - torch without torch.compiler
         return False
+
+
+def _prefill_gemm() -> str:
+    global PREFILL_GEMM
+    if PREFILL_GEMM is None:
+        PREFILL_GEMM = "onednn" if cpu_kernels.isa() == "avx512-vnni" else "mkl"
+    if PREFILL_GEMM not in ("onednn", "mkl"):
+        raise ValueError(f"GYRFALCON_PREFILL_GEMM must be 'onednn' or 'mkl', got {PREFILL_GEMM!r}")
+    return PREFILL_GEMM
 
 
 def no_grad_needed(t: torch.Tensor) -> bool:
@@ -87,7 +103,7 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     if rows <= cpu_kernels.F32_MAX_ROWS and w.is_contiguous() and cpu_kernels.available():
         y = cpu_kernels.gemv_f32(x2, w, bias)
-    elif _ONEDNN and w.is_contiguous():  # (a strided weight sends oneDNN down a path ~1000x slower)
+    elif _ONEDNN and w.is_contiguous() and _prefill_gemm() == "onednn":  # (a strided weight: ~1000x slower there)
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, bias, "none", [], "")
     else:
         y = F.linear(x2, w, bias)
