@@ -212,3 +212,11 @@ def test_parallel_layer_in_two_kernel_calls_equals_the_general_path(layout, quan
     assert calls["sum"] == 5 * layers
     for a, b in zip(got, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_hooked_attention_or_mlp_keeps_the_general_path() -> None:
+    model = gyrfalcon_from_hf("7b-multi-query")
+    seen = []
+    model.transformer.h[0].self_attention.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    ragged_prefill_then_greedy(model, torch.randint(3, 131, (2, 5)), [5, 4], steps=2, capacity=8)
+    assert len(seen) == 3  # the prefill and both decode steps ran the hooked module

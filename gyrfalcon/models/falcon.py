@@ -179,6 +179,8 @@ class FalconDecoderLayer(nn.Module):
         attention, mlp = self.self_attention, self.mlp
         if not fast_linear.PAIRS or not _decode_rows(x):
             return None
+        if attention._forward_hooks or attention._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks:
+            return None  # they would not run: the submodules' forwards are bypassed here
         if attn_in is mlp_in:
             pair = _linear_pair(attention.query_key_value, mlp.dense_h_to_4h, attn_in)
             if pair is None:
