@@ -515,11 +515,16 @@ class QuantLinear(_QuantModule):
             if 0 < m <= _DECODE_ROWS:
                 kern = _cpu_kernels()
                 if kern is not None:
-                    bias = self.bias
-                    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-                        bias = bias.detach().float().contiguous()
-                    return kern.gemv(w._descriptor(kern), x.view(m, k), bias).view(*x.shape[:-1], w.shape[0])
+                    desc, bias = self._kernel_operands(kern)
+                    return kern.gemv(desc, x.view(m, k), bias).view(*x.shape[:-1], w.shape[0])
         return w.linear(x, self.bias)
+
+    def _kernel_operands(self, kern) -> tuple:
+        """(the weight's kernel descriptor, the bias as contiguous fp32 or None) for the CPU matrix-vector kernels."""
+        bias = self.bias
+        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+            bias = bias.detach().float().contiguous()
+        return self.weight._descriptor(kern), bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -573,17 +578,17 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 
 
-def _decode_operands(mod: nn.Module, kern) -> tuple | None:
-    """(kernel descriptor, fp32 bias) of a QuantLinear whose decode product `forward` sends to the CPU kernels."""
-    if not isinstance(mod, QuantLinear) or mod._forward_hooks or mod._forward_pre_hooks:
+def _kernel_pair(mod1: nn.Module, mod2: nn.Module, rows: int) -> tuple | None:
+    """(kernels, operands of mod1, operands of mod2) when both are plain QuantLinears whose decode products of `rows`
+    input rows `forward` would send to the CPU kernels, else None."""
+    kern = _cpu_kernels()
+    if kern is None or not 0 < rows <= _DECODE_ROWS:
         return None
-    w = mod.weight
-    if not w.plain or w.device.type != "cpu":
-        return None
-    bias = mod.bias
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().float().contiguous()
-    return w._descriptor(kern), bias
+    for mod in (mod1, mod2):
+        if (not isinstance(mod, QuantLinear) or mod._forward_hooks or mod._forward_pre_hooks or not mod.weight.plain
+                or mod.weight.device.type != "cpu"):
+            return None
+    return kern, mod1._kernel_operands(kern), mod2._kernel_operands(kern)
 
 
 def decode_pair(mod1: nn.Module, mod2: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -592,14 +597,11 @@ def decode_pair(mod1: nn.Module, mod2: nn.Module, x: torch.Tensor) -> tuple[torc
     module calls. None when either module is not a plain QuantLinear on the CPU kernels."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    kern = _cpu_kernels()
-    if kern is None or not 0 < rows <= _DECODE_ROWS:
+    found = _kernel_pair(mod1, mod2, rows)
+    if found is None or mod1.in_features != k or mod2.in_features != k:
         return None
-    a = _decode_operands(mod1, kern)
-    b = _decode_operands(mod2, kern) if a is not None else None
-    if b is None or mod1.in_features != k or mod2.in_features != k:
-        return None
-    y1, y2 = kern.gemv_pair(a[0], a[1], b[0], b[1], x.view(rows, k))
+    kern, (d1, b1), (d2, b2) = found
+    y1, y2 = kern.gemv_pair(d1, b1, d2, b2, x.view(rows, k))
     return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
 
 
@@ -609,13 +611,10 @@ def decode_sum(mod1: nn.Module, x1: torch.Tensor, mod2: nn.Module, x2: torch.Ten
     and adds) for two quantized linears with decode-sized inputs (as in `decode_pair`), else None."""
     k1, k2 = x1.shape[-1], x2.shape[-1]
     rows = x1.numel() // k1 if k1 else 0
-    kern = _cpu_kernels()
-    if kern is None or not 0 < rows <= _DECODE_ROWS or x2.numel() != rows * k2:
+    found = _kernel_pair(mod1, mod2, rows)
+    if (found is None or x2.numel() != rows * k2 or mod1.in_features != k1 or mod2.in_features != k2
+            or mod1.out_features != mod2.out_features or residual.shape != (*x1.shape[:-1], mod1.out_features)):
         return None
-    a = _decode_operands(mod1, kern)
-    b = _decode_operands(mod2, kern) if a is not None else None
-    if (b is None or mod1.in_features != k1 or mod2.in_features != k2 or mod1.out_features != mod2.out_features
-            or residual.shape != (*x1.shape[:-1], mod1.out_features)):
-        return None
-    y = kern.gemv_sum(a[0], a[1], x1.view(rows, k1), b[0], b[1], x2.view(rows, k2), residual.view(rows, -1))
+    kern, (d1, b1), (d2, b2) = found
+    y = kern.gemv_sum(d1, b1, x1.view(rows, k1), d2, b2, x2.view(rows, k2), residual.view(rows, -1))
     return y.view(residual.shape)
