@@ -32,7 +32,8 @@ from .fast_linear import no_grad_needed as _no_grad
 from .layers import Rotary, alibi_bias, alibi_slopes, apply_rotary_rolled
 
 # Rows per block of a long prefill's MLP: bounds its 4x-wide activation (16 MiB at hidden 1024). 1024 rather than
-# 256: on the AVX2 host, 8 x 1090-token contexts (an ARC scoring batch) ran 4.5% faster (bigger GEMMs).
+# 256: on the AVX2 host, 8 x 1090-token contexts (an ARC scoring batch) ran 1.05-1.10x faster (bigger GEMMs;
+# benchmarks/prefill_choices.py).
 _MLP_CHUNK = 1024
 
 

@@ -11,7 +11,8 @@ The kernel takes 9-16 rows too (a server's decode batch: the rows in groups over
 250M model's 65 matrices, 16 rows took 72 ms against 97 ms with oneDNN on an AVX-512 EPYC (and more with MKL, `W @
 x^T`: 35 ms for 9 rows of the head alone, oneDNN 17), 112 against 126 ms on an AVX2 one (Zen 3). Above that
 (prefill, scoring) a GEMM: oneDNN's on CPUs with AVX-512, where it beat MKL's; MKL's (F.linear) elsewhere: on the AVX2
-Zen 3, a whole 250M model's forward ran 2% (1 x 128 tokens) to 8% (8 x 1090) faster with MKL than with oneDNN.
+Zen 3 a 250M model's scoring-sized forwards ran 1.04x (4 x 512 tokens) to 1.13x (8 x 1090) faster with MKL
+(benchmarks/prefill_choices.py; 1 x 128 from 0.86x to 1.02x, within that host's noise).
 Everything else (another dtype or device, a quantized/LoRA/hooked
 module, autograd through the weight or the input) is plain `mod(x)`, which is also the reference path: set `FAST =
 False` (or GYRFALCON_KERNELS=0 for the compiled kernel alone) and every call is `mod(x)`. tests/test_fast_linear.py
